@@ -1,0 +1,1 @@
+"""What the agent and the push service share: ids, topics, messages, policy."""

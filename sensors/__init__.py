@@ -1,0 +1,1 @@
+"""Sensor plugins: the interface, the registry and the built-in plugins."""

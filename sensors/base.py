@@ -1,0 +1,215 @@
+"""The sensor plugin interface.
+
+A plugin is a subclass of :class:`SensorPlugin` registered under the entry
+point group ``mailpush.sensors``; the built-in plugins are registered the same
+way, so a third-party sensor needs a pip package and no change here.
+
+A plugin **must** set:
+
+* ``name``: the entry point name, also the ``[sensors.NAME]`` config table.
+* ``mode``: :attr:`Mode.EVENTS` when it learns of changes by callbacks
+  (input, PIR) or :attr:`Mode.POLLED` when the agent has to call
+  :meth:`SensorPlugin.read` on a schedule (temperature, power).
+* ``read()``: the latest :class:`Reading`. For an event plugin this only
+  copies what its callbacks stored and must not block; a polled plugin does
+  its I/O here.
+
+A plugin **may** override:
+
+* ``Options``: a dataclass of its config keys with defaults; the agent
+  validates the ``[sensors.NAME]`` table against it before anything starts.
+* ``poll_interval_s``: how often a polled plugin is read (seconds).
+* ``start(wake)`` / ``stop()``: open and close devices or threads. ``wake``
+  asks the agent to fuse again now; call it on a change that matters (the
+  first input after a quiet spell), not on every event.
+* ``status()``: :class:`SensorStatus`; the default reports ``ok``.
+* ``attributes()``: DeviceAttributes fields this plugin knows (``kind``,
+  ``display``, ``capabilities``).
+
+A plugin imports its hardware library inside ``start()`` or ``read()``, never
+at module level, so a missing library makes it ``unavailable`` instead of
+stopping the agent. ``start()`` must not raise for a missing library or
+device: it records the status and returns.
+"""
+
+import dataclasses
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar
+
+from mailpush.errors import ConfigError
+
+if sys.platform.startswith("linux"):
+    _CLOCK = time.CLOCK_BOOTTIME
+
+    def clock() -> float:
+        """Return the sensing clock: monotonic, and counting time spent in suspend."""
+        return time.clock_gettime(_CLOCK)
+
+else:  # pragma: no cover - exercised on macOS and Windows only
+    # NOTE: time.monotonic() may stop during suspend here; the agent detects
+    # that gap against the wall clock instead.
+    clock = time.monotonic
+
+
+class Mode(Enum):
+    """How a plugin delivers readings."""
+
+    EVENTS = "events"
+    POLLED = "polled"
+
+
+class Health(str, Enum):
+    """The state of a plugin, as ``mailpush-agent sensors`` shows it."""
+
+    OK = "ok"
+    DEGRADED = "degraded"
+    UNAVAILABLE = "unavailable"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class SensorStatus:
+    """A plugin's health and, unless it is ``ok``, a reason a person can act on."""
+
+    health: Health
+    reason: str = ""
+
+    @classmethod
+    def ok(cls, reason: str = "") -> "SensorStatus":
+        """Return an ``ok`` status."""
+        return cls(Health.OK, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One plugin's latest facts. ``None`` means the plugin does not sense that fact.
+
+    Times are on :func:`clock`, in seconds.
+    """
+
+    last_input: float | None = None
+    presence: bool | None = None
+    last_presence: float | None = None
+    presence_suspect: bool | None = None
+    skin_contact: bool | None = None
+    temperature_c: float | None = None
+    ambient_c: float | None = None
+    on_battery: bool | None = None
+    battery_percent: float | None = None
+    plugged: bool | None = None
+    details: Mapping[str, object] = field(default_factory=dict)
+    """Plugin-specific facts shown by ``mailpush-agent status``; never published or fused."""
+
+
+WakeCallback = Callable[[], None]
+
+
+class SensorPlugin:
+    """Base class of every sensor plugin; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    mode: ClassVar[Mode]
+    poll_interval_s: ClassVar[float] = 30.0
+
+    @dataclass(frozen=True)
+    class Options:
+        """Config keys of the plugin beyond ``enabled``; none by default."""
+
+    def __init__(self, options: "SensorPlugin.Options | None" = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def parse_options(cls, table: Mapping[str, Any]) -> "SensorPlugin.Options":
+        """Validate a ``[sensors.NAME]`` table (without ``enabled``) into ``Options``.
+
+        Raises:
+            ConfigError: naming the key, the value and what is allowed.
+        """
+        return parse_dataclass(cls.Options, table, f"sensors.{cls.name}")
+
+    def start(self, wake: WakeCallback) -> None:
+        """Open devices and start callbacks. Never raises for missing hardware."""
+
+    def stop(self) -> None:
+        """Close what ``start`` opened. Safe to call twice or without ``start``."""
+
+    def read(self) -> Reading:
+        """Return the latest reading."""
+        raise NotImplementedError
+
+    def status(self) -> SensorStatus:
+        """Return the plugin's health."""
+        return SensorStatus.ok()
+
+    def attributes(self) -> Mapping[str, object]:
+        """Return the DeviceAttributes fields this plugin knows."""
+        return {}
+
+
+def parse_dataclass(cls: type, table: Mapping[str, Any], section: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, checking keys and value types.
+
+    Supports fields typed ``bool``, ``int``, ``float``, ``str``, ``list[str]``,
+    ``list[int]``, ``Literal[...]`` and any of these ``| None``.
+
+    Raises:
+        ConfigError: for an unknown key or a value of the wrong type.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            allowed = ", ".join(sorted(fields)) or "none"
+            msg = f"{section}.{key}: unknown key; allowed keys: {allowed}"
+            raise ConfigError(msg)
+        values[key] = _check_type(value, hints[key], f"{section}.{key}")
+    return cls(**values)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    if _matches(value, hint):
+        if hint is float and isinstance(value, int):
+            return float(value)
+        return value
+    msg = f"{key}: invalid value {value!r}; expected {_describe(hint)}"
+    raise ConfigError(msg)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(arg) for arg in typing.get_args(hint) if arg is not type(None)]
+        return " or ".join(parts)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
