@@ -195,6 +195,7 @@ class MailStatus(_Payload, kw_only=True):
 Message = UsageState | DeviceAttributes | Push | Ack | Probe | Policy | MailStatus
 M = TypeVar("M", bound=_Payload)
 
+
 class _NeverSent(msgspec.Struct, tag_field="v", tag=0):
     """Decoded beside each type so that msgspec requires the ``v`` tag to be present.
 

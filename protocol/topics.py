@@ -1,14 +1,14 @@
 """The MQTT topic tree of protocol version 1."""
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from mailpush.protocol.ids import is_valid_id
 
 DEFAULT_ROOT = "mailpush/v1"
 
 
-class TopicKind(str, Enum):
+class TopicKind(StrEnum):
     """The last level of a topic, which names the message type it carries."""
 
     STATE = "state"

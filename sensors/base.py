@@ -19,6 +19,8 @@ A plugin **may** override:
 * ``Options``: a dataclass of its config keys with defaults; the agent
   validates the ``[sensors.NAME]`` table against it before anything starts.
 * ``poll_interval_s``: how often a polled plugin is read (seconds).
+* ``enabled_by_default``: whether the agent runs it without a
+  ``[sensors.NAME]`` table; False suits hardware few terminals have.
 * ``start(wake)`` / ``stop()``: open and close devices or threads. ``wake``
   asks the agent to fuse again now; call it on a change that matters (the
   first input after a quiet spell), not on every event.
@@ -39,7 +41,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, ClassVar
 
 from mailpush.errors import ConfigError
@@ -64,7 +66,7 @@ class Mode(Enum):
     POLLED = "polled"
 
 
-class Health(str, Enum):
+class Health(StrEnum):
     """The state of a plugin, as ``mailpush-agent sensors`` shows it."""
 
     OK = "ok"
@@ -116,6 +118,7 @@ class SensorPlugin:
     name: ClassVar[str]
     mode: ClassVar[Mode]
     poll_interval_s: ClassVar[float] = 30.0
+    enabled_by_default: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Options:

@@ -1,0 +1,240 @@
+"""The agent's config: ``agent.toml`` validated before anything starts.
+
+The file lives in the platformdirs user config dir (``mailpush/agent.toml``)
+unless ``--config`` names another. Command-line flags override the file.
+Every error is one line naming the key, the value and what is allowed.
+"""
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+
+from mailpush.agent.fusion import FusionConfig
+from mailpush.errors import ConfigError
+from mailpush.protocol.broker_url import BrokerAddress, parse_broker_url
+from mailpush.protocol.ids import validate_id
+from mailpush.protocol.topics import DEFAULT_ROOT
+from mailpush.secrets import read_secret
+from mailpush.sensors.base import parse_dataclass
+from mailpush.sensors.registry import PluginEntry
+
+APP_NAME = "mailpush"
+CONFIG_NAME = "agent.toml"
+DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
+DEFAULT_HEARTBEAT_S = 60.0
+
+_TOP_LEVEL_KEYS = {"user", "terminal", "broker", "fusion", "sensors", "receiver"}
+
+
+def default_config_path() -> Path:
+    """Return the config file used when ``--config`` is not given."""
+    return Path(platformdirs.user_config_dir(APP_NAME)) / CONFIG_NAME
+
+
+def default_state_dir() -> Path:
+    """Return the directory for the agent's runtime state (last published state)."""
+    return Path(platformdirs.user_state_dir(APP_NAME))
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """The ``[broker]`` table."""
+
+    url: str = DEFAULT_BROKER_URL
+    username: str | None = None
+    password_file: str | None = None
+    password_env: str | None = None
+    password_command: list[str] | None = None
+    ca_file: str | None = None
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    keepalive_s: int = 60
+    topic_root: str = DEFAULT_ROOT
+
+    def password(self) -> str | None:
+        """Read the broker password from its configured source, if any."""
+        return read_secret(
+            "broker",
+            file=self.password_file,
+            env=self.password_env,
+            command=self.password_command,
+        )
+
+
+@dataclass(frozen=True)
+class ReceiverSettings:
+    """The ``[receiver]`` table: how pushes are shown on this terminal."""
+
+    notify: bool = True
+    on_mail: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class SensorSettings:
+    """One ``[sensors.NAME]`` table: whether the plugin runs, and its validated options."""
+
+    enabled: bool
+    options: Any = None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The whole validated agent config."""
+
+    user: str
+    terminal: str
+    broker: BrokerSettings
+    address: BrokerAddress
+    fusion: FusionConfig
+    heartbeat_s: float
+    receiver: ReceiverSettings
+    sensors: Mapping[str, SensorSettings] = field(default_factory=dict)
+    source: Path | None = None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML file, or raise :class:`ConfigError` naming the file and the line."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        msg = (
+            f"{path}: config file not found; "
+            "run `mailpush-agent config init --user USER --terminal TERMINAL`"
+        )
+        raise ConfigError(msg) from None
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"{path}: invalid TOML: {exc}"
+        raise ConfigError(msg) from None
+    except OSError as exc:
+        msg = f"{path}: cannot read config: {exc.strerror}"
+        raise ConfigError(msg) from None
+
+
+def build_config(
+    data: Mapping[str, Any],
+    plugins: Mapping[str, PluginEntry],
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    source: Path | None = None,
+) -> AgentConfig:
+    """Validate a parsed config file and apply command-line overrides.
+
+    Args:
+        data: the parsed TOML document.
+        plugins: the installed sensor plugins, whose option tables are checked.
+        overrides: ``user``, ``terminal`` and ``broker`` from the command line; None values
+            are ignored.
+        source: the file ``data`` came from, kept for messages.
+    """
+    data = dict(data)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key == "broker":
+            data["broker"] = {**_table(data, "broker"), "url": value}
+        else:
+            data[key] = value
+
+    unknown = sorted(set(data) - _TOP_LEVEL_KEYS)
+    if unknown:
+        allowed = ", ".join(sorted(_TOP_LEVEL_KEYS))
+        msg = f"{unknown[0]}: unknown key; allowed top-level keys: {allowed}"
+        raise ConfigError(msg)
+
+    for key in ("user", "terminal"):
+        if key not in data:
+            msg = f"{key}: missing; set it in the config file or pass --{key}"
+            raise ConfigError(msg)
+    user = validate_id(data["user"], "user")
+    terminal = validate_id(data["terminal"], "terminal")
+
+    broker = parse_dataclass(BrokerSettings, _table(data, "broker"), "broker")
+    address = parse_broker_url(broker.url)
+    if broker.keepalive_s < 5:
+        msg = f"broker.keepalive_s: invalid value {broker.keepalive_s}; use 5 or more seconds"
+        raise ConfigError(msg)
+    if broker.ca_file and not Path(broker.ca_file).expanduser().is_file():
+        msg = f"broker.ca_file: {broker.ca_file} not found; give the CA certificate's path"
+        raise ConfigError(msg)
+
+    fusion_table = dict(_table(data, "fusion"))
+    heartbeat_s = fusion_table.pop("heartbeat_s", DEFAULT_HEARTBEAT_S)
+    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int | float) or heartbeat_s < 1:
+        msg = (
+            f"fusion.heartbeat_s: invalid value {heartbeat_s!r}; use a number of seconds, 1 or more"
+        )
+        raise ConfigError(msg)
+    fusion = parse_dataclass(FusionConfig, fusion_table, "fusion")
+
+    receiver = parse_dataclass(ReceiverSettings, _table(data, "receiver"), "receiver")
+    sensors = _build_sensors(_table(data, "sensors"), plugins)
+
+    return AgentConfig(
+        user=user,
+        terminal=terminal,
+        broker=broker,
+        address=address,
+        fusion=fusion,
+        heartbeat_s=float(heartbeat_s),
+        receiver=receiver,
+        sensors=sensors,
+        source=source,
+    )
+
+
+def load_config(
+    path: Path | None,
+    plugins: Mapping[str, PluginEntry],
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Read and validate the config file; a missing default file is fine with overrides.
+
+    When no ``--config`` was given and the default file does not exist, the
+    config comes from the command-line flags alone, so ``--user`` and
+    ``--terminal`` are enough to start.
+    """
+    explicit = path is not None
+    path = path or default_config_path()
+    overrides = overrides or {}
+    if not explicit and not path.exists() and overrides.get("user") and overrides.get("terminal"):
+        return build_config({}, plugins, overrides=overrides)
+    return build_config(read_config_file(path), plugins, overrides=overrides, source=path)
+
+
+def _build_sensors(
+    tables: Mapping[str, Any], plugins: Mapping[str, PluginEntry]
+) -> dict[str, SensorSettings]:
+    for name, table in tables.items():
+        if name not in plugins:
+            installed = ", ".join(sorted(plugins)) or "none"
+            msg = f"sensors.{name}: no sensor plugin named {name!r} is installed; installed: {installed}"
+            raise ConfigError(msg)
+        if not isinstance(table, dict):
+            msg = f"sensors.{name}: expected a table ([sensors.{name}])"
+            raise ConfigError(msg)
+
+    settings = {}
+    for name, entry in plugins.items():
+        table = dict(tables.get(name, {}))
+        plugin = entry.plugin
+        default = plugin.enabled_by_default if plugin is not None else False
+        enabled = table.pop("enabled", default if name not in tables else True)
+        if not isinstance(enabled, bool):
+            msg = f"sensors.{name}.enabled: invalid value {enabled!r}; expected true or false"
+            raise ConfigError(msg)
+
+        options = plugin.parse_options(table) if plugin is not None else None
+        settings[name] = SensorSettings(enabled=enabled, options=options)
+    return settings
+
+
+def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        msg = f"{key}: expected a table ([{key}]), got {value!r}"
+        raise ConfigError(msg)
+    return value

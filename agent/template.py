@@ -1,0 +1,44 @@
+"""The commented ``agent.toml`` that ``mailpush-agent config init`` writes."""
+
+from mailpush.agent.config import DEFAULT_BROKER_URL
+
+TEMPLATE = """\
+# mailpush agent config. Every key below is optional except user and terminal.
+# Command-line flags (--user, --terminal, --broker) override this file.
+
+# Ids: 1 to 64 characters of a-z, 0-9, '_' and '-', starting with a letter or digit.
+user = "{user}"
+terminal = "{terminal}"
+
+[broker]
+url = "{broker}"              # mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS
+# username = "{user}-{terminal}"
+# password_file = "~/.config/mailpush/broker-password"   # chmod 600; or:
+# password_env = "MAILPUSH_BROKER_PASSWORD"
+# ca_file = "/etc/ssl/certs/my-ca.pem"                 # for mqtts:// with a private CA
+# protocol = "auto"          # "auto" tries MQTT 5, then 3.1.1; or "5", "3.1.1"
+# keepalive_s = 60
+
+[fusion]
+# active_window_s = 120      # input within this many seconds: active
+# away_after_s = 600         # no input or presence for longer: away
+# heartbeat_s = 60           # republish the state this often even when unchanged
+
+[receiver]
+# notify = true              # show pushes as desktop notifications
+# on_mail = ["/usr/local/bin/blink-led", "--times", "3"]   # run per mail, no shell
+
+[sensors.input]
+# enabled = true
+# backend = "auto"           # "auto", "pynput" (X11, Windows, macOS) or "evdev" (Linux /dev/input)
+# devices = []               # evdev device names to watch; empty: every keyboard and pointer
+
+[sensors.power]
+# enabled = true
+# kind = "auto"              # laptop, desktop, phone, tablet, pi, other; auto guesses
+"""
+
+
+def render(user: str, terminal: str, broker: str | None = None) -> str:
+    """Return the config file text for one terminal."""
+    return TEMPLATE.format(user=user, terminal=terminal, broker=broker or DEFAULT_BROKER_URL)
