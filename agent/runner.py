@@ -8,6 +8,7 @@ suspend, and on every heartbeat.
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from mailpush.agent.config import AgentConfig
 from mailpush.agent.fusion import Fused, fuse, merge_readings
 from mailpush.agent.link import Link, LinkOptions, Will
 from mailpush.agent.plugins import PluginHost
-from mailpush.agent.suspend import detect_suspend
+from mailpush.agent.suspend import detect_suspend, discount_suspend
 from mailpush.errors import PayloadError
 from mailpush.protocol.ids import agent_client_id
 from mailpush.protocol.messages import (
@@ -122,6 +123,13 @@ class Agent:
 
             reading = merge_readings(self._host.read_all(now))
             previous = self._fused
+            if slept:
+                # Start the fusion afresh: the hysteresis memory is from before
+                # the sleep. Where clock() stops in suspend (macOS, Windows),
+                # times from before the sleep are moved back by its length.
+                previous = None
+                if not sys.platform.startswith("linux"):
+                    reading = discount_suspend(reading, now, slept)
             self._fused = fuse(
                 reading, self.config.fusion, previous, now, input_since=self._host.input_since
             )
