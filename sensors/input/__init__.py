@@ -1,0 +1,1 @@
+"""The ``input`` sensor plugin and its pynput and evdev backends."""
