@@ -1,0 +1,425 @@
+r"""Watch an IMAP folder for new mail, with IDLE (RFC 2177) or by polling.
+
+The watcher selects the folder read-only (EXAMINE) and fetches with
+``BODY.PEEK[]``, so it never sets ``\Seen`` or changes anything else. It
+remembers the folder's UIDVALIDITY and the last UID handled in the state store;
+after a restart or a reconnect it searches for every UID above that one, so mail
+that arrived meanwhile is caught up. Only UIDs are used, never sequence numbers.
+"""
+
+import ipaddress
+import logging
+import random
+import select
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+
+from imapclient import IMAPClient
+from imapclient.exceptions import CapabilityError, IMAPClientAbortError, IMAPClientError, LoginError
+
+from mailpush.errors import AuthenticationError, ConfigError, MailpushError
+from mailpush.server.mailbox.base import MailCallback, NewMail
+from mailpush.server.mailbox.state import ImapPosition, StateStore
+
+log = logging.getLogger(__name__)
+
+# RFC 2177 section 3: a server may log off a client that idles for 30 minutes,
+# so a client should re-issue IDLE at least every 29 minutes.
+MAX_IDLE_RENEW_S = 29 * 60
+
+# How often a wait inside IDLE checks the stop event.
+STOP_CHECK_S = 0.5
+
+
+@dataclass(frozen=True)
+class ImapConfig:
+    """How to reach and watch one IMAP folder.
+
+    Attributes:
+        host: The IMAP server's name or address.
+        username: The login name.
+        password: The password, already resolved by the caller; never logged.
+        port: The TCP port; defaults to 993 with ``tls``, else 143.
+        tls: Use implicit TLS (IMAPS), checking the certificate.
+        starttls: Upgrade a plain connection with STARTTLS; excludes ``tls``.
+        ca_file: A PEM file of CA certificates to trust instead of the system's.
+        folder: The folder to watch.
+        idle_renew_s: Seconds after which IDLE is ended and issued again.
+        noop_every_s: Seconds of silence during IDLE after which a NOOP checks the connection.
+        poll_s: Seconds between two checks on a server without IDLE.
+        timeout_s: Socket timeout in seconds for connecting and for every response.
+        reconnect_min_s: First delay in seconds before reconnecting.
+        reconnect_max_s: Maximum delay in seconds between reconnection attempts.
+        retry_s: Seconds to wait after ``on_mail`` raised before offering the mail again.
+    """
+
+    host: str
+    username: str
+    password: str = field(repr=False)
+    port: int | None = None
+    tls: bool = True
+    starttls: bool = False
+    ca_file: str | None = None
+    folder: str = "INBOX"
+    idle_renew_s: float = 600.0
+    noop_every_s: float = 120.0
+    poll_s: float = 30.0
+    timeout_s: float = 30.0
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 300.0
+    retry_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.host or not self.username:
+            msg = "imap: host and username are required; set both in the IMAP account config"
+            raise ConfigError(msg)
+        if self.tls and self.starttls:
+            msg = "imap: tls and starttls are both set; use tls for port 993 or starttls for 143"
+            raise ConfigError(msg)
+        if self.port is not None and not 0 < self.port < 65536:
+            msg = f"imap: port {self.port} is invalid; set a port between 1 and 65535"
+            raise ConfigError(msg)
+        if not 0 < self.idle_renew_s <= MAX_IDLE_RENEW_S:
+            msg = (
+                f"imap: idle_renew_s = {self.idle_renew_s} is invalid; set 1 to {MAX_IDLE_RENEW_S}"
+                " s, because servers may drop an IDLE older than 30 minutes (RFC 2177)"
+            )
+            raise ConfigError(msg)
+        for name in ("noop_every_s", "poll_s", "timeout_s", "reconnect_min_s", "retry_s"):
+            if getattr(self, name) <= 0:
+                msg = f"imap: {name} = {getattr(self, name)} is invalid; set a positive number"
+                raise ConfigError(msg)
+        if self.reconnect_max_s < self.reconnect_min_s:
+            msg = "imap: reconnect_max_s is below reconnect_min_s; raise reconnect_max_s"
+            raise ConfigError(msg)
+
+    @property
+    def effective_port(self) -> int:
+        """Return the configured port, or the standard one for the chosen transport."""
+        if self.port is not None:
+            return self.port
+        return 993 if self.tls else 143
+
+
+@dataclass
+class _Cursor:
+    uidvalidity: int
+    last_uid: int
+
+
+class _Backoff:
+    """Capped exponential backoff with jitter: each delay is drawn from [d/2, d]."""
+
+    def __init__(self, first_s: float, max_s: float) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.max_s, self.first_s * 2**self.failures)
+        self.failures += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class ImapWatcher:
+    """Find new mail in one IMAP folder and hand each mail to ``on_mail`` once.
+
+    At the first start, and after a UIDVALIDITY change, the mail already in
+    the folder is taken as handled and not pushed.
+
+    Args:
+        config: The server, account and timing.
+        store: The state store that remembers UIDVALIDITY and the last UID.
+    """
+
+    def __init__(self, config: ImapConfig, store: StateStore) -> None:
+        self.config = config
+        self.store = store
+        self.where = f"{config.username}@{config.host}:{config.effective_port}/{config.folder}"
+        self.mailbox_key = f"imap://{self.where}"
+        self._warned_plaintext = False
+
+    def run(self, on_mail: MailCallback, stop: threading.Event) -> None:
+        """Watch the folder until ``stop`` is set; see ``MailboxWatcher.run``.
+
+        Raises:
+            AuthenticationError: The server rejected the login; no retry.
+            ConfigError: The server lacks STARTTLS although ``starttls`` is set.
+        """
+        backoff = _Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
+        while not stop.is_set():
+            try:
+                self._session(on_mail, stop, backoff)
+            except MailpushError:
+                raise
+            except ssl.SSLCertVerificationError as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "imap: certificate of %s rejected (%s); set ca_file if the server uses a "
+                    "private CA; retrying in %.1f s",
+                    self.config.host,
+                    exc.verify_message,
+                    delay,
+                )
+                stop.wait(delay)
+            except (OSError, IMAPClientAbortError) as exc:
+                # Connection lost, refused or timed out.
+                delay = backoff.next_delay()
+                log.info(
+                    "imap: connection to %s failed (%s); reconnecting in %.1f s",
+                    self.where,
+                    _describe(exc),
+                    delay,
+                )
+                stop.wait(delay)
+            except IMAPClientError as exc:
+                # The server returned NO or BAD, such as for a folder that does not exist.
+                delay = backoff.next_delay()
+                log.warning(
+                    "imap: %s: %s; reconnecting in %.1f s", self.where, _describe(exc), delay
+                )
+                stop.wait(delay)
+            except Exception:
+                delay = backoff.next_delay()
+                log.exception(
+                    "imap: unexpected error on %s; reconnecting in %.1f s", self.where, delay
+                )
+                stop.wait(delay)
+
+    def _session(self, on_mail: MailCallback, stop: threading.Event, backoff: _Backoff) -> None:
+        """Connect, catch up and watch until ``stop`` is set or the connection fails."""
+        client = self._connect()
+        graceful = False
+        try:
+            cursor = self._select(client)
+            backoff.reset()
+            use_idle = client.has_capability("IDLE")
+            log.info(
+                "imap: watching %s (UIDVALIDITY %d, last UID %d) with %s",
+                self.where,
+                cursor.uidvalidity,
+                cursor.last_uid,
+                "IDLE" if use_idle else f"polling every {self.config.poll_s:g} s",
+            )
+
+            while not stop.is_set():
+                if not self._catch_up(client, cursor, on_mail, stop):
+                    stop.wait(self.config.retry_s)
+                elif use_idle:
+                    self._idle(client, stop)
+                else:
+                    stop.wait(self.config.poll_s)
+                    client.noop()
+            graceful = True
+        finally:
+            _close(client, graceful)
+
+    def _connect(self) -> IMAPClient:
+        config = self.config
+        context = None
+        if config.tls or config.starttls:
+            context = ssl.create_default_context(cafile=config.ca_file)
+        elif not self._warned_plaintext and not _is_loopback(config.host):
+            log.warning(
+                "imap: the password for %s travels unencrypted; set tls or starttls", self.where
+            )
+            self._warned_plaintext = True
+
+        client = IMAPClient(
+            config.host,
+            config.effective_port,
+            ssl=config.tls,
+            ssl_context=context,
+            timeout=config.timeout_s,
+        )
+        try:
+            if config.starttls:
+                self._starttls(client, context)
+            self._login(client)
+        except BaseException:
+            _close(client, graceful=False)
+            raise
+        return client
+
+    def _starttls(self, client: IMAPClient, context: ssl.SSLContext | None) -> None:
+        try:
+            client.starttls(context)
+        except CapabilityError:
+            msg = (
+                f"imap: {self.config.host} does not offer STARTTLS; "
+                "set tls = true (port 993) or ask the server's administrator"
+            )
+            raise ConfigError(msg) from None
+
+    def _login(self, client: IMAPClient) -> None:
+        try:
+            client.login(self.config.username, self.config.password)
+        except LoginError as exc:
+            msg = (
+                f"imap: {self.where} rejected the login ({_describe(exc)}); "
+                "check the username and password"
+            )
+            raise AuthenticationError(msg) from None
+
+    def _select(self, client: IMAPClient) -> _Cursor:
+        """Select the folder read-only and return where to resume."""
+        response = client.select_folder(self.config.folder, readonly=True)
+        if b"UIDVALIDITY" not in response:
+            msg = f"SELECT {self.config.folder} returned no UIDVALIDITY (required by RFC 3501)"
+            raise IMAPClientError(msg)
+        uidvalidity = int(response[b"UIDVALIDITY"])
+
+        stored = self.store.imap_position(self.mailbox_key)
+        if stored is not None and stored.uidvalidity == uidvalidity:
+            return _Cursor(uidvalidity, stored.last_uid)
+
+        last_uid = _max_uid(client, response.get(b"UIDNEXT"))
+        if stored is None:
+            log.info(
+                "imap: first start on %s: mail up to UID %d is not pushed", self.where, last_uid
+            )
+        else:
+            # RFC 3501 section 2.3.1.1: a new UIDVALIDITY means the old UIDs are
+            # void, so the old position cannot tell which mail is new.
+            log.warning(
+                "imap: UIDVALIDITY of %s changed from %d to %d; the mail up to UID %d "
+                "is taken as handled and not pushed",
+                self.where,
+                stored.uidvalidity,
+                uidvalidity,
+                last_uid,
+            )
+        self.store.set_imap_position(self.mailbox_key, ImapPosition(uidvalidity, last_uid))
+        return _Cursor(uidvalidity, last_uid)
+
+    def _catch_up(
+        self,
+        client: IMAPClient,
+        cursor: _Cursor,
+        on_mail: MailCallback,
+        stop: threading.Event,
+    ) -> bool:
+        """Deliver each mail above the last UID in UID order; False if ``on_mail`` raised."""
+        # In RFC 3501 (section 9, seq-range) "*" is the highest UID in use and
+        # "N:*" equals "*:N", so it matches that UID even when it is below N.
+        found = client.search(["UID", f"{cursor.last_uid + 1}:*"])
+        uids = sorted(uid for uid in found if uid > cursor.last_uid)
+
+        for uid in uids:
+            if stop.is_set():
+                break
+            mail = self._fetch(client, cursor.uidvalidity, uid)
+            if mail is not None:
+                try:
+                    on_mail(mail)
+                except Exception:
+                    log.exception(
+                        "imap: handling mail %s failed; retrying in %.0f s",
+                        mail.mail_id,
+                        self.config.retry_s,
+                    )
+                    return False
+            self.store.mark_imap_handled(self.mailbox_key, cursor.uidvalidity, uid)
+            cursor.last_uid = uid
+        return True
+
+    def _fetch(self, client: IMAPClient, uidvalidity: int, uid: int) -> NewMail | None:
+        # NOTE: the whole message is held in memory, however large it is.
+        response = client.fetch([uid], ["BODY.PEEK[]", "FLAGS"]).get(uid)
+        if response is None or b"BODY[]" not in response:
+            log.debug("imap: UID %d in %s was expunged before it was fetched", uid, self.where)
+            return None
+
+        flags = {flag.lower() for flag in response.get(b"FLAGS", ())}
+        mail_id = f"{uidvalidity}-{uid}"
+        return NewMail(self.mailbox_key, mail_id, response[b"BODY[]"], b"\\seen" in flags)
+
+    def _idle(self, client: IMAPClient, stop: threading.Event) -> None:
+        """Wait in IDLE until the server reports new mail, a timer runs out or ``stop`` is set.
+
+        Raises:
+            IMAPClientError: The server reported a problem (an untagged NO or
+                BAD, as Dovecot sends when the selected folder is deleted).
+        """
+        config = self.config
+        client.idle()
+        started = last_heard = time.monotonic()
+        sock = client.socket()
+
+        quiet = False
+        problem = None
+        while not stop.is_set():
+            now = time.monotonic()
+            if now - started >= config.idle_renew_s:
+                break
+            if now - last_heard >= config.noop_every_s:
+                quiet = True
+                break
+
+            readable, _, _ = select.select([sock], [], [], STOP_CHECK_S)
+            if not readable:
+                continue
+            responses = client.idle_check(timeout=0)
+            last_heard = time.monotonic()
+            problem = next((r for r in responses if r[0] in (b"NO", b"BAD")), None)
+            # A readable socket with no complete response is either a closed
+            # connection or a partial TLS record; ending IDLE shows which.
+            if not responses or problem or any(_ends_idle(r) for r in responses):
+                break
+
+        # DONE waits for the tagged reply at most timeout_s, because the socket
+        # has that timeout; a dead connection raises here and is reconnected.
+        client.idle_done()
+        if problem:
+            text = b" ".join(part for part in problem if isinstance(part, bytes))
+            msg = f"server reported during IDLE: {text.decode(errors='replace')}"
+            raise IMAPClientError(msg)
+        if quiet:
+            client.noop()
+
+
+def _max_uid(client: IMAPClient, uidnext: int | None) -> int:
+    """Return a UID at or above every UID in the folder."""
+    if uidnext:
+        return int(uidnext) - 1
+    # "UID *" matches the message with the highest UID, if there is one.
+    return max(client.search(["UID", "*"]), default=0)
+
+
+def _ends_idle(response: tuple) -> bool:
+    # EXISTS announces new mail (RECENT may or may not come with it); BYE
+    # announces that the server closes the connection.
+    return (len(response) >= 2 and response[1] == b"EXISTS") or response[0] == b"BYE"
+
+
+def _close(client: IMAPClient, graceful: bool) -> None:
+    try:
+        if graceful:
+            client.logout()
+            return
+    except (OSError, IMAPClientError):
+        pass
+    try:
+        client.shutdown()
+    except OSError:
+        pass
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    """Return an exception's text on one line, or its type name if the text is empty."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

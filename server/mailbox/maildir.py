@@ -1,0 +1,227 @@
+"""Watch a local Maildir for new mail, read-only.
+
+The user's mail client owns the Maildir, so this watcher never moves, renames,
+flags or deletes a file. It finds mail in ``new/`` and ``cur/`` and remembers
+the unique names it has handled in the state store.
+
+Detection polls: every ``poll_s`` it stats ``new/`` and ``cur/``, and lists
+them with ``os.scandir`` only when one of them changed. A delivery agent writes
+a mail to ``tmp/`` and renames it into ``new/`` (the Maildir convention), which
+changes the mtime of ``new/``.
+"""
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailpush.errors import ConfigError
+from mailpush.server.mailbox.base import MailCallback, NewMail
+from mailpush.server.mailbox.state import StateStore
+
+log = logging.getLogger(__name__)
+
+# The info part of a Maildir file name starts with ":2," followed by the flags.
+INFO_SEPARATOR = ":2,"
+
+# A folder whose mtime is this recent is listed again even if the mtime did
+# not change. Two renames within one tick of the file system's clock leave the
+# same mtime behind, so the second would be missed until the next change.
+RECENT_CHANGE_S = 2.0
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    seen: bool
+
+
+class MaildirWatcher:
+    """Find new mail in one Maildir and hand each mail to ``on_mail`` once.
+
+    At the first start on a Maildir (no baseline in the store), the mail already
+    there is recorded as handled and not pushed, so the user is not flooded.
+
+    Args:
+        path: The Maildir, the folder that contains ``cur/``, ``new/`` and ``tmp/``.
+        store: The state store that remembers handled names.
+        poll_s: Seconds between two checks for changes.
+        rescan_s: Seconds between two full listings even without a change.
+        retry_s: Seconds to wait after ``on_mail`` raised before offering the mail again.
+
+    Raises:
+        ConfigError: ``path`` is not a Maildir.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        store: StateStore,
+        *,
+        poll_s: float = 0.2,
+        rescan_s: float = 30.0,
+        retry_s: float = 5.0,
+    ) -> None:
+        self.path = Path(path).expanduser().absolute()
+        missing = [sub for sub in ("cur", "new") if not (self.path / sub).is_dir()]
+        if missing:
+            msg = (
+                f"maildir: {self.path} is not a Maildir (no {' or '.join(missing)} folder); "
+                "set the Maildir path to the folder that contains cur/, new/ and tmp/"
+            )
+            raise ConfigError(msg)
+
+        self.mailbox_key = f"maildir:{self.path}"
+        self.store = store
+        self.poll_s = poll_s
+        self.rescan_s = rescan_s
+        self.retry_s = retry_s
+        self._warned: set[str] = set()
+        self._scan_failing = False
+
+    def run(self, on_mail: MailCallback, stop: threading.Event) -> None:
+        """Watch the Maildir until ``stop`` is set; see ``MailboxWatcher.run``.
+
+        Raises:
+            ConfigError: The Maildir cannot be listed at start-up.
+        """
+        handled = self._load_handled()
+        log.info("maildir: watching %s (%d mails already handled)", self.path, len(handled))
+
+        last_stamp: tuple[int, int] | None = None
+        last_full_scan = time.monotonic()
+        while not stop.is_set():
+            stamp = self._folder_stamp()
+            full_scan_due = time.monotonic() - last_full_scan >= self.rescan_s
+            if stamp != last_stamp or _is_recent(stamp) or full_scan_due:
+                # The stamp is taken before listing, so a change during the
+                # listing shows up as a new stamp at the next check.
+                last_stamp = stamp
+                if full_scan_due:
+                    last_full_scan = time.monotonic()
+                    self._warned.clear()
+                if not self._deliver_new(self._scan() or {}, handled, on_mail, stop):
+                    last_stamp = None
+                    stop.wait(self.retry_s)
+                    continue
+
+            stop.wait(self.poll_s)
+
+    def _load_handled(self) -> set[str]:
+        listing = self._scan()
+        if listing is None:
+            # Without a listing, a baseline would be empty and pruning would
+            # forget every handled name, so both would cause a flood later.
+            msg = f"maildir: cannot list {self.path}; check that it exists and can be read"
+            raise ConfigError(msg)
+        present = set(listing)
+
+        handled = self.store.maildir_handled(self.mailbox_key)
+        if handled is None:
+            self.store.set_maildir_baseline(self.mailbox_key, present)
+            log.info(
+                "maildir: first start on %s: %d existing mails recorded as handled, not pushed",
+                self.path,
+                len(present),
+            )
+            return present
+
+        # NOTE: names are pruned only here, at start-up, so the table grows
+        # with the mail delivered while the service runs.
+        deleted = handled - present
+        if deleted:
+            self.store.forget_maildir_names(self.mailbox_key, deleted)
+        return handled - deleted
+
+    def _folder_stamp(self) -> tuple[int, int]:
+        try:
+            return (
+                os.stat(self.path / "new").st_mtime_ns,
+                os.stat(self.path / "cur").st_mtime_ns,
+            )
+        except OSError:
+            return (0, 0)
+
+    def _scan(self) -> dict[str, _Entry] | None:
+        """List ``new/`` then ``cur/``, keyed by unique name; None if listing failed.
+
+        ``new/`` is listed first: a mail client renames a file from ``new/`` into
+        ``cur/``, so a file moved during the scan is seen in at least one of them.
+        """
+        found: dict[str, _Entry] = {}
+        try:
+            for sub in ("new", "cur"):
+                with os.scandir(self.path / sub) as entries:
+                    for entry in entries:
+                        if entry.name.startswith(".") or not entry.is_file():
+                            continue
+                        name, _, flags = entry.name.partition(INFO_SEPARATOR)
+                        seen = sub == "cur" and "S" in flags
+                        found[name] = _Entry(Path(entry.path), seen)
+        except OSError as exc:
+            if not self._scan_failing:
+                log.warning("maildir: cannot list %s (%s); retrying", self.path, exc)
+            self._scan_failing = True
+            return None
+
+        if self._scan_failing:
+            log.info("maildir: %s can be listed again", self.path)
+        self._scan_failing = False
+        return found
+
+    def _deliver_new(
+        self,
+        found: dict[str, _Entry],
+        handled: set[str],
+        on_mail: MailCallback,
+        stop: threading.Event,
+    ) -> bool:
+        """Deliver every unhandled mail, oldest first; return False if ``on_mail`` raised."""
+        waiting = [name for name in found if name not in handled]
+        waiting.sort(key=lambda name: (_mtime(found[name].path), name))
+
+        for name in waiting:
+            if stop.is_set():
+                break
+            entry = found[name]
+            raw = self._read(name, entry.path)
+            if raw is None:
+                continue
+
+            mail = NewMail(self.mailbox_key, name, raw, entry.seen)
+            try:
+                on_mail(mail)
+            except Exception:
+                log.exception(
+                    "maildir: handling mail %s failed; retrying in %.0f s", name, self.retry_s
+                )
+                return False
+            self.store.mark_maildir_handled(self.mailbox_key, name)
+            handled.add(name)
+        return True
+
+    def _read(self, name: str, path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            # The mail client moved it (new/ to cur/, or a flag change renamed
+            # it in cur/); the next listing finds it under its new name.
+            log.debug("maildir: %s moved while being read; reading it again later", name)
+        except OSError as exc:
+            if name not in self._warned:
+                log.warning("maildir: cannot read %s (%s); retrying", path, exc)
+                self._warned.add(name)
+        return None
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _is_recent(stamp: tuple[int, int]) -> bool:
+    return time.time_ns() - max(stamp) < RECENT_CHANGE_S * 1e9
