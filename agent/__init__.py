@@ -1,0 +1,1 @@
+"""The terminal agent: config, fusion, publisher, receiver and the mailpush-agent CLI."""

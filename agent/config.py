@@ -19,8 +19,8 @@ from mailpush.protocol.broker_url import BrokerAddress, parse_broker_url
 from mailpush.protocol.ids import validate_id
 from mailpush.protocol.topics import DEFAULT_ROOT
 from mailpush.secrets import read_secret
-from mailpush.sensors.base import parse_dataclass
 from mailpush.sensors.registry import PluginEntry
+from mailpush.tables import parse_dataclass
 
 APP_NAME = "mailpush"
 CONFIG_NAME = "agent.toml"

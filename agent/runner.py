@@ -19,11 +19,11 @@ import msgspec
 import mailpush
 from mailpush.agent.config import AgentConfig
 from mailpush.agent.fusion import Fused, fuse, merge_readings
-from mailpush.agent.link import Link, LinkOptions, Will
 from mailpush.agent.plugins import PluginHost
 from mailpush.agent.suspend import detect_suspend, discount_suspend
 from mailpush.errors import PayloadError
 from mailpush.protocol.ids import agent_client_id
+from mailpush.protocol.link import Link, LinkOptions, Will
 from mailpush.protocol.messages import (
     AgentInfo,
     DeviceAttributes,
@@ -78,7 +78,9 @@ class Agent:
                 keepalive_s=config.broker.keepalive_s,
             ),
             will=Will(self.topics.state(config.user, config.terminal), self._will_payload),
+            on_connected=self._on_connected,
         )
+        self._reconnected = False
 
     def stop(self) -> None:
         """Ask the loop to stop; safe from a signal handler or another thread."""
@@ -136,7 +138,8 @@ class Agent:
             probes = self._take_probes()
 
             changed = previous is None or previous.state != self._fused.state
-            if changed or probes or slept or now >= heartbeat_due:
+            reconnected, self._reconnected = self._reconnected, False
+            if changed or probes or slept or reconnected or now >= heartbeat_due:
                 for probe in probes or [None]:
                     self._publish_state(self._fused, now, probe)
                 heartbeat_due = now + self.config.heartbeat_s
@@ -165,6 +168,7 @@ class Agent:
             evidence=fused.evidence,
             power=fused.power,
             probe=probe,
+            session=self._link.session,
         )
         self._link.publish_retained(
             self.topics.state(self.config.user, self.config.terminal), encode(message)
@@ -188,6 +192,7 @@ class Agent:
             seq=self._seq,
             confidence=1.0,
             reason=reason,  # type: ignore[arg-type]
+            session=self._link.session,
         )
 
     def _will_payload(self) -> bytes:
@@ -208,6 +213,12 @@ class Agent:
         self._link.stop()
         self._host.stop()
         log.info("agent stopped")
+
+    def _on_connected(self) -> None:
+        # Publish a state stamped with the new connection's session at once,
+        # so the registry can match it to this connection's last will.
+        self._reconnected = True
+        self._wake.set()
 
     def _on_probe(self, topic: str, payload: bytes) -> None:
         try:

@@ -78,6 +78,13 @@ class UsageState(_Payload, kw_only=True):
     position: Position | None = None
     probe: str | None = None
     reason: OffReason | None = None
+    session: str | None = None
+    """An id the agent picks for each MQTT connection; the last will carries it too.
+
+    Added to version 1: the will is stamped when the agent connects, so its
+    ``ts`` is older than the states sent during that connection. A registry
+    accepts an ``off`` whose session matches the state it holds, whatever its ts.
+    """
 
 
 class Display(_Part, kw_only=True):

@@ -34,17 +34,14 @@ stopping the agent. ``start()`` must not raise for a missing library or
 device: it records the status and returns.
 """
 
-import dataclasses
 import sys
 import time
-import types
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Any, ClassVar
 
-from mailpush.errors import ConfigError
+from mailpush.tables import parse_dataclass
 
 if sys.platform.startswith("linux"):
     _CLOCK = time.CLOCK_BOOTTIME
@@ -153,66 +150,3 @@ class SensorPlugin:
     def attributes(self) -> Mapping[str, object]:
         """Return the DeviceAttributes fields this plugin knows."""
         return {}
-
-
-def parse_dataclass(cls: type, table: Mapping[str, Any], section: str) -> Any:
-    """Build dataclass ``cls`` from a TOML table, checking keys and value types.
-
-    Supports fields typed ``bool``, ``int``, ``float``, ``str``, ``list[str]``,
-    ``list[int]``, ``Literal[...]`` and any of these ``| None``.
-
-    Raises:
-        ConfigError: for an unknown key or a value of the wrong type.
-    """
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in table.items():
-        if key not in fields:
-            allowed = ", ".join(sorted(fields)) or "none"
-            msg = f"{section}.{key}: unknown key; allowed keys: {allowed}"
-            raise ConfigError(msg)
-        values[key] = _check_type(value, hints[key], f"{section}.{key}")
-    return cls(**values)
-
-
-def _check_type(value: Any, hint: Any, key: str) -> Any:
-    if _matches(value, hint):
-        if hint is float and isinstance(value, int):
-            return float(value)
-        return value
-    msg = f"{key}: invalid value {value!r}; expected {_describe(hint)}"
-    raise ConfigError(msg)
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        parts = [_describe(arg) for arg in typing.get_args(hint) if arg is not type(None)]
-        return " or ".join(parts)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    return names.get(hint, getattr(hint, "__name__", str(hint)))

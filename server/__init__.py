@@ -1,0 +1,1 @@
+"""The push service: mailbox watchers, registry, router, outbox and the mailpush-server CLI."""

@@ -105,6 +105,7 @@ def test_agent_states_over_mqtt(agent_env, mosquitto, tmp_path):
             lambda m: m.topic == STATE_TOPIC and state_of(m)["state"] == "off", timeout=15
         )
         assert state_of(will)["reason"] == "connection-lost"
+        assert state_of(will)["session"] == state_of(idle)["session"]
     finally:
         stop(agent)
         subscriber.close()

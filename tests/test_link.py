@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from mailpush.agent.link import Link, LinkOptions, Will, backoff_delay
 from mailpush.errors import AuthenticationError
 from mailpush.protocol.broker_url import BrokerAddress
+from mailpush.protocol.link import Link, LinkOptions, Will, backoff_delay
 from tests.mqtt_client import Subscriber
 
 pytestmark = pytest.mark.integration
@@ -75,15 +75,22 @@ def test_retained_latest_after_outage(mosquitto):
 
     try:
         assert link.wait_connected(30)
-        subscriber = Subscriber(mosquitto.port, "mailpush/v1/alice/terminals/desk/state")
+        watcher = Subscriber(mosquitto.port, "mailpush/v1/alice/terminals/desk/state")
         try:
-            message = subscriber.wait_for(lambda m: True)
-            assert message.retain
-            assert message.payload == b"active"
+            latest = watcher.wait_for(lambda m: m.payload == b"active")
         finally:
-            subscriber.close()
+            watcher.close()
+        late = Subscriber(mosquitto.port, "mailpush/v1/alice/terminals/desk/state")
+        try:
+            retained = late.wait_for(lambda m: True)
+        finally:
+            late.close()
     finally:
         link.stop()
+
+    assert latest.payload == b"active"
+    assert retained.retain
+    assert retained.payload == b"active"
 
 
 def test_subscriptions_survive_broker_restart(mosquitto):
@@ -110,7 +117,7 @@ def test_will_published_on_kill(mosquitto, tmp_path):
     script.write_text(
         f"""
 import time
-from mailpush.agent.link import Link, LinkOptions, Will
+from mailpush.protocol.link import Link, LinkOptions, Will
 from mailpush.protocol.broker_url import BrokerAddress
 link = Link(LinkOptions(BrokerAddress("127.0.0.1", {mosquitto.port}, False), "mailpush-alice-desk", keepalive_s=5),
             will=Will("mailpush/v1/alice/terminals/desk/state", lambda: b"will-off"))

@@ -8,6 +8,7 @@ import pytest
 import tomli_w
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mailpush.errors import ConfigError, PayloadError
 from mailpush.protocol.messages import (
     STATES,

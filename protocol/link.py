@@ -1,4 +1,4 @@
-"""The agent's MQTT connection: session, last will, reconnects, subscriptions.
+"""An MQTT connection for the agent and the service: session, last will, reconnects.
 
 One :class:`Link` owns one paho-mqtt 2.x client (callback API version 2) and
 runs its network loop in a named thread. It connects with MQTT 5, a persistent
@@ -13,6 +13,7 @@ stale one is replayed. Other messages sent while offline wait in a bounded queue
 
 import logging
 import random
+import secrets
 import socket
 import ssl
 import threading
@@ -106,6 +107,8 @@ class Link:
         self._fatal: BrokerError | None = None
         self._thread: threading.Thread | None = None
         self._client = self._make_client()
+        self.session = secrets.token_hex(4)
+        """The id of the current (or next) connection; the last will carries it."""
 
     # Public API
 
@@ -285,6 +288,7 @@ class Link:
     def _set_will(self) -> None:
         self._ever_connected_in_round = False
         self._downgrade_requested = False
+        self.session = secrets.token_hex(4)
         if self._will is not None:
             self._client.will_set(
                 self._will.topic, self._will.payload_factory(), qos=1, retain=True
