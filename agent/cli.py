@@ -11,11 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 
 from mailpush import __version__
 from mailpush.agent import template
-from mailpush.agent.config import AgentConfig, default_config_path, default_state_dir, load_config
-from mailpush.agent.runner import Agent, status_path
+from mailpush.agent.config import (
+    AgentConfig,
+    default_config_path,
+    default_data_dir,
+    default_state_dir,
+    load_config,
+)
+from mailpush.agent.inbox import Inbox
+from mailpush.agent.runner import Agent, inbox_path, status_path
 from mailpush.errors import MailpushError
 from mailpush.protocol.ids import validate_id
 from mailpush.sensors.base import Health
@@ -177,7 +185,7 @@ def start(ctx: click.Context) -> None:
     """Run the agent in the foreground until Ctrl-C or SIGTERM."""
     obj = _context(ctx)
     settings = obj.load()
-    agent = Agent(settings, obj.plugins, default_state_dir())
+    agent = Agent(settings, obj.plugins, default_state_dir(), default_data_dir())
 
     def request_stop(signum: int, frame: object) -> None:
         agent.stop()
@@ -237,6 +245,40 @@ def sensors(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(described, indent=2))
         return
     _print_sensors(described)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Pushes to list."
+)
+@common_options
+@click.pass_context
+def inbox(ctx: click.Context, as_json: bool, limit: int) -> None:
+    """List the pushes this terminal received, newest first."""
+    obj = _context(ctx)
+    settings = obj.load()
+    path = inbox_path(default_data_dir(), settings.user, settings.terminal)
+    if not path.exists():
+        if as_json:
+            click.echo("[]")
+        else:
+            click.echo("no pushes received yet")
+        return
+
+    with Inbox(path) as store:
+        pushes = store.list(limit)
+    if as_json:
+        click.echo(json.dumps([msgspec.to_builtins(push) for push in pushes], indent=2))
+        return
+    if not pushes:
+        click.echo("no pushes received yet")
+    for push in pushes:
+        mail = push.mail
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(push.ts))
+        marker = " " if mail.seen else "*"
+        click.echo(f"{marker} {when}  {push.kind:<6}  {mail.sender}  {mail.subject!r}")
+        click.echo(f"  {'':<19}  id {mail.id}; {push.reason}")
 
 
 def _probe_sensors(

@@ -35,6 +35,11 @@ def default_config_path() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME)) / CONFIG_NAME
 
 
+def default_data_dir() -> Path:
+    """Return the directory for the agent's durable data (the inbox)."""
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
 def default_state_dir() -> Path:
     """Return the directory for the agent's runtime state (last published state)."""
     return Path(platformdirs.user_state_dir(APP_NAME))

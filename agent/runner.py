@@ -19,7 +19,10 @@ import msgspec
 import mailpush
 from mailpush.agent.config import AgentConfig
 from mailpush.agent.fusion import Fused, fuse, merge_readings
+from mailpush.agent.inbox import Inbox
+from mailpush.agent.notify import Notifier
 from mailpush.agent.plugins import PluginHost
+from mailpush.agent.receiver import Receiver
 from mailpush.agent.suspend import detect_suspend, discount_suspend
 from mailpush.errors import PayloadError
 from mailpush.protocol.ids import agent_client_id
@@ -49,13 +52,23 @@ def status_path(state_dir: Path, user: str, terminal: str) -> Path:
     return state_dir / f"agent-{user}-{terminal}.json"
 
 
+def inbox_path(data_dir: Path, user: str, terminal: str) -> Path:
+    """Return the inbox file of one terminal; one per terminal, so several agents can share a home."""
+    return data_dir / f"inbox-{user}-{terminal}.sqlite3"
+
+
 class Agent:
     """One terminal's agent: plugins, fusion and the MQTT link, run until stopped."""
 
     def __init__(
-        self, config: AgentConfig, plugins: Mapping[str, PluginEntry], state_dir: Path
+        self,
+        config: AgentConfig,
+        plugins: Mapping[str, PluginEntry],
+        state_dir: Path,
+        data_dir: Path,
     ) -> None:
         self.config = config
+        self.data_dir = data_dir
         self.topics = Topics(config.broker.topic_root)
         self.state_dir = state_dir
         self._wake = threading.Event()
@@ -94,8 +107,17 @@ class Agent:
             MailpushError: when the broker rejects the credentials or certificate.
         """
         user, terminal = self.config.user, self.config.terminal
+        inbox = Inbox(inbox_path(self.data_dir, user, terminal))
+        notifier = Notifier(
+            on_mail=self.config.receiver.on_mail, desktop=self.config.receiver.notify
+        )
+        ack_topic = self.topics.ack(user, terminal)
+        receiver = Receiver(inbox, notifier, lambda payload: self._link.publish(ack_topic, payload))
+        receiver.start()
+
         self._host.start()
         self._link.subscribe(self.topics.probe(user, terminal), self._on_probe)
+        self._link.subscribe(self.topics.inbox(user, terminal), receiver.on_message)
         self._link.publish_retained(
             self.topics.attributes(user, terminal), encode(self._attributes())
         )
@@ -106,6 +128,8 @@ class Agent:
             self._loop()
         finally:
             self._shutdown()
+            receiver.stop()
+            inbox.close()
 
         if self._link.fatal_error is not None:
             raise self._link.fatal_error

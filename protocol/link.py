@@ -103,6 +103,8 @@ class Link:
         self._handlers: dict[str, MessageHandler] = {}
         self._connected = threading.Event()
         self._settled = threading.Event()  # set on connect or on a fatal error
+        self._subscribed = threading.Event()
+        self._pending_subacks: set[int] = set()
         self._stopping = threading.Event()
         self._fatal: BrokerError | None = None
         self._thread: threading.Thread | None = None
@@ -149,6 +151,15 @@ class Link:
                 self._queue.append((topic, payload))
                 return None
             return self._client.publish(topic, payload, qos=1, retain=False)
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Block until the broker has acknowledged every subscription of the current connection.
+
+        A broker sends the retained messages of a subscription right after
+        acknowledging it, so a caller that needs them (the service's
+        registry) waits here first.
+        """
+        return self._subscribed.wait(timeout)
 
     def start(self) -> None:
         """Start connecting in the background; returns at once."""
@@ -199,6 +210,7 @@ class Link:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
         client.on_socket_open = self._handle_socket_open
         return client
 
@@ -322,8 +334,14 @@ class Link:
                 "resumed" if flags.session_present else "new",
             )
             with self._lock:
+                self._subscribed.clear()
+                self._pending_subacks.clear()
                 for topic in self._handlers:
-                    client.subscribe(topic, qos=1)
+                    _, mid = client.subscribe(topic, qos=1)
+                    if mid is not None:
+                        self._pending_subacks.add(mid)
+                if not self._pending_subacks:
+                    self._subscribed.set()
                 for topic, payload in self._retained.items():
                     client.publish(topic, payload, qos=1, retain=True)
                 while self._queue:
@@ -355,10 +373,20 @@ class Link:
             return
         log.warning("broker %s refused the connection: %s", address, reason_code)
 
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        for code in reason_codes:
+            if code.is_failure:
+                log.warning("broker %s refused a subscription: %s", self._options.address, code)
+        with self._lock:
+            self._pending_subacks.discard(mid)
+            if not self._pending_subacks:
+                self._subscribed.set()
+
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._connected.is_set() and not self._stopping.is_set():
             log.info("connection to %s lost: %s", self._options.address, reason_code)
         self._connected.clear()
+        self._subscribed.clear()
         if self._fatal is None:
             self._settled.clear()
 

@@ -36,6 +36,14 @@ class NewMail:
 MailCallback = Callable[[NewMail], None]
 
 
+class RetryLater(Exception):  # noqa: N818 - it names what the watcher does, not an error
+    """Raised by ``on_mail`` when a mail cannot be handled yet.
+
+    The watcher offers the same mail again after its retry interval and logs
+    at DEBUG only, because the callback has already said why.
+    """
+
+
 class MailboxWatcher(Protocol):
     """The interface of a mailbox watcher, as the service uses it.
 

@@ -20,7 +20,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import CapabilityError, IMAPClientAbortError, IMAPClientError, LoginError
 
 from mailpush.errors import AuthenticationError, ConfigError, MailpushError
-from mailpush.server.mailbox.base import MailCallback, NewMail
+from mailpush.server.mailbox.base import MailCallback, NewMail, RetryLater
 from mailpush.server.mailbox.state import ImapPosition, StateStore
 
 log = logging.getLogger(__name__)
@@ -317,6 +317,9 @@ class ImapWatcher:
             if mail is not None:
                 try:
                     on_mail(mail)
+                except RetryLater as exc:
+                    log.debug("imap: mail %s deferred: %s", mail.mail_id, exc)
+                    return False
                 except Exception:
                     log.exception(
                         "imap: handling mail %s failed; retrying in %.0f s",

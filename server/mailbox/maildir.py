@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailpush.errors import ConfigError
-from mailpush.server.mailbox.base import MailCallback, NewMail
+from mailpush.server.mailbox.base import MailCallback, NewMail, RetryLater
 from mailpush.server.mailbox.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,9 @@ class MaildirWatcher:
             mail = NewMail(self.mailbox_key, name, raw, entry.seen)
             try:
                 on_mail(mail)
+            except RetryLater as exc:
+                log.debug("maildir: mail %s deferred: %s", name, exc)
+                return False
             except Exception:
                 log.exception(
                     "maildir: handling mail %s failed; retrying in %.0f s", name, self.retry_s
