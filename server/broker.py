@@ -315,21 +315,21 @@ def _validate_settings(
 
     if not allow_anonymous and password_file is None:
         msg = (
-            "broker.allow_anonymous: false needs broker.password_file, "
-            "or no client could connect; set broker.password_file"
+            "broker.accounts_file: missing; without it no client could connect to the "
+            "embedded broker; set broker.accounts_file"
         )
         raise ConfigError(msg)
 
     if password_file is not None and not Path(password_file).is_file():
-        msg = f"broker.password_file: {password_file} not found; create it or fix the path"
+        msg = f"broker.accounts_file: {password_file} not found; create it or fix the path"
         raise ConfigError(msg)
 
     authenticated = not allow_anonymous and password_file is not None
     if not is_loopback(host) and not authenticated:
         msg = (
             f"broker.listen: {host!r} is not a loopback address and the broker has no "
-            'authentication; set broker.listen = "127.0.0.1", or set broker.password_file '
-            "and broker.allow_anonymous = false"
+            'authentication; set broker.listen = "127.0.0.1", or set broker.accounts_file '
+            "(an amqtt password file) so that only listed accounts may connect"
         )
         raise ConfigError(msg)
 

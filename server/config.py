@@ -74,6 +74,8 @@ class BrokerSettings:
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     topic_root: str = DEFAULT_ROOT
     accounts_file: str | None = None
+    """The embedded broker's password file (``user:argon2-hash`` lines); with it,
+    only listed accounts may connect, and ``listen`` may name a non-loopback address."""
 
     def password(self) -> str | None:
         """Read the service's broker password from its configured source, if any."""
@@ -178,6 +180,7 @@ def build_config(data: Mapping[str, Any], source: Path | None = None) -> ServerC
 
     broker = parse_table(BrokerSettings, data.get("broker", {}), "broker")
     address = parse_broker_url(broker.url) if broker.url is not None else None
+    _check_listen(broker.listen)
     service = parse_table(ServiceSettings, data.get("service", {}), "service")
     _check_service(service)
 
@@ -214,6 +217,13 @@ def _read(path: Path) -> dict[str, Any]:
     except OSError as exc:
         msg = f"{path}: cannot read config: {exc.strerror}"
         raise ConfigError(msg) from None
+
+
+def _check_listen(listen: str) -> None:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        msg = f'broker.listen: invalid value {listen!r}; use HOST:PORT such as "127.0.0.1:1883"'
+        raise ConfigError(msg)
 
 
 def _check_service(service: ServiceSettings) -> None:

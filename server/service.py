@@ -11,6 +11,7 @@ import threading
 import time
 from contextlib import ExitStack
 from functools import partial
+from pathlib import Path
 
 from mailpush.errors import MailpushError, PayloadError
 from mailpush.protocol.broker_url import BrokerAddress
@@ -97,8 +98,15 @@ class PushService:
     def _start_broker(self, stack: ExitStack) -> BrokerAddress:
         if self.config.address is not None:
             return self.config.address
-        host, _, port = self.config.broker.listen.rpartition(":")
-        broker = EmbeddedBroker(host.strip("[]") or "127.0.0.1", int(port))
+        settings = self.config.broker
+        host, _, port = settings.listen.rpartition(":")
+        accounts = Path(settings.accounts_file).expanduser() if settings.accounts_file else None
+        broker = EmbeddedBroker(
+            host.strip("[]") or "127.0.0.1",
+            int(port),
+            allow_anonymous=accounts is None,
+            password_file=accounts,
+        )
         broker.start()
         stack.callback(broker.stop)
         self.broker = broker

@@ -301,9 +301,9 @@ def test_non_loopback_with_auth_accepted(password_file) -> None:
 
 
 def test_missing_password_file_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="broker.password_file"):
+    with pytest.raises(ConfigError, match="broker.accounts_file: .* not found"):
         EmbeddedBroker(port=0, allow_anonymous=False, password_file=tmp_path / "absent")
-    with pytest.raises(ConfigError, match="broker.password_file"):
+    with pytest.raises(ConfigError, match="broker.accounts_file: missing"):
         EmbeddedBroker(port=0, allow_anonymous=False)
 
 

@@ -56,6 +56,7 @@ def test_full_config_parses(tmp_path):
         ({"brokers": {}}, "brokers: unknown key"),
         ({"broker": {"url": "tcp://x"}}, "broker.url: invalid URL 'tcp://x'"),
         ({"broker": {"port": 1}}, "broker.port: unknown key"),
+        ({"broker": {"listen": "1883"}}, "broker.listen: invalid value '1883'"),
         (
             {"service": {"probe_timeout_ms": "300"}},
             "service.probe_timeout_ms: invalid value '300'; expected an integer",
@@ -142,3 +143,24 @@ def test_imap_password_never_inline(tmp_path):
         config.users[0].mailbox.imap_config()
 
     assert "no password source" in str(caught.value)
+
+
+def test_embedded_broker_refuses_open_listen(tmp_path):
+    from mailpush.server.service import PushService
+
+    maildir = tmp_path / "Maildir"
+    config = build_config(
+        {
+            "broker": {"listen": "0.0.0.0:1883"},
+            "service": {"state_dir": str(tmp_path / "state")},
+            "users": [{"id": "a", "mailbox": {"kind": "maildir", "path": str(maildir)}}],
+        }
+    )
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+
+    with pytest.raises(ConfigError) as caught:
+        PushService(config).run()
+
+    assert "broker.listen: '0.0.0.0' is not a loopback address" in str(caught.value)
+    assert "broker.accounts_file" in str(caught.value)
