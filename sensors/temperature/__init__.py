@@ -1,0 +1,1 @@
+"""The I2C skin-contact temperature sensor and its chip drivers."""
