@@ -23,9 +23,12 @@ from mailpush.agent.config import (
     load_config,
 )
 from mailpush.agent.inbox import Inbox
+from mailpush.agent.oneshot import publish_once
 from mailpush.agent.runner import Agent, inbox_path, status_path
-from mailpush.errors import MailpushError
+from mailpush.errors import BrokerError, MailpushError
 from mailpush.protocol.ids import validate_id
+from mailpush.protocol.messages import MailStatus, encode
+from mailpush.protocol.topics import Topics
 from mailpush.sensors.base import Health
 from mailpush.sensors.registry import PluginEntry, discover
 
@@ -247,7 +250,7 @@ def sensors(ctx: click.Context, as_json: bool) -> None:
     _print_sensors(described)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option(
     "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Pushes to list."
@@ -256,6 +259,8 @@ def sensors(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def inbox(ctx: click.Context, as_json: bool, limit: int) -> None:
     """List the pushes this terminal received, newest first."""
+    if ctx.invoked_subcommand is not None:
+        return
     obj = _context(ctx)
     settings = obj.load()
     path = inbox_path(default_data_dir(), settings.user, settings.terminal)
@@ -279,6 +284,36 @@ def inbox(ctx: click.Context, as_json: bool, limit: int) -> None:
         marker = " " if mail.seen else "*"
         click.echo(f"{marker} {when}  {push.kind:<6}  {mail.sender}  {mail.subject!r}")
         click.echo(f"  {'':<19}  id {mail.id}; {push.reason}")
+
+
+@inbox.command("read")
+@click.argument("mail_id")
+@click.option("--unread", is_flag=True, help="Mark the mail unread instead.")
+@common_options
+@click.pass_context
+def inbox_read(ctx: click.Context, mail_id: str, unread: bool) -> None:
+    """Mark a mail read (or unread) here and on every other terminal and the mailbox.
+
+    MAIL_ID is the id `mailpush-agent inbox` lists.
+    """
+    obj = _context(ctx)
+    settings = obj.load()
+    path = inbox_path(default_data_dir(), settings.user, settings.terminal)
+    seen = not unread
+    with Inbox(path) as store:
+        if store.get(mail_id) is None:
+            raise MailpushError(
+                f"{mail_id}: no such mail in this terminal's inbox; see `mailpush-agent inbox`"
+            )
+        store.mark_read(mail_id, seen)
+
+    status = MailStatus(mail=mail_id, seen=seen, by=settings.terminal, ts=round(time.time(), 3))
+    topic = Topics(settings.broker.topic_root).mailstatus(settings.user)
+    try:
+        publish_once(settings, topic, encode(status))
+    except BrokerError as exc:
+        raise BrokerError(f"marked {'read' if seen else 'unread'} here only: {exc}") from None
+    click.echo(f"{mail_id} marked {'read' if seen else 'unread'}")
 
 
 def _probe_sensors(

@@ -85,9 +85,10 @@ class Receiver:
             assert isinstance(item, Push)
             shown = self._notifier.show(item)
             log.info(
-                "%s push %s shown (%s): %s",
+                "%s push %s for mail %s shown (%s): %s",
                 item.kind,
                 item.id,
+                item.mail.id,
                 shown,
                 item.reason or "no reason given",
             )

@@ -18,7 +18,11 @@ Run from the repository root (Linux only)::
     python -m bench.agent_footprint [--idle-seconds 60] [--storm-seconds 30] [--rate 1000] [--json FILE]
 
 CPU figures are percent of one core (100 = one core busy). Memory figures are
-MiB (2**20 bytes), although the JSON keys end in ``_mb``.
+MiB (2**20 bytes), although the JSON keys end in ``_mb``. The peak RSS is the
+process's VmHWM, so it includes start-up as well as both phases.
+
+NOTE: Xvfb, xdotool, the counter and this script's pacing loop run on the same
+CPUs as the agent. On a machine with few cores they compete with it.
 """
 
 import argparse
@@ -54,7 +58,7 @@ COUNTER_READY_TIMEOUT_S = 20.0
 # within milliseconds of the storm's start. The margin is for a loaded machine.
 ACTIVE_TIMEOUT_S = 5.0
 # Time for the agent's listener to handle what the X server still had queued
-# when xdotool exited; input_storm.py allows the same.
+# when xdotool exited. input_storm.py allows the same.
 DRAIN_S = 0.2
 PACE_TICK_S = 0.005
 RSS_SAMPLE_INTERVAL_S = 0.5
