@@ -1,10 +1,9 @@
 """The receiving end of pushes: validate, store, acknowledge, then show.
 
-The order makes delivery safe: a push is stored durably before its Ack goes
-out, so a crash after the Ack loses nothing, and a crash before it makes the
-service send the push again, which the inbox recognises by its id. A push
-seen before is acknowledged again (the first Ack may have been lost) but
-never shown twice.
+A push is stored durably before its Ack goes out, so a crash after the Ack
+loses nothing. A crash before the Ack makes the service send the push again,
+and the inbox recognises it by its id. A push seen before is acknowledged
+again, because the first Ack may have been lost, but it is never shown twice.
 """
 
 import logging

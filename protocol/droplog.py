@@ -1,7 +1,7 @@
 """Rate-limited logging of dropped MQTT messages.
 
-protocol.md asks that a bad payload be logged at most once a minute per topic
-and reason, so a misbehaving client cannot flood the log.
+A bad payload is logged at most once a minute per topic and reason, so a
+misbehaving client cannot flood the log.
 """
 
 import logging

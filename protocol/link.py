@@ -274,7 +274,7 @@ class Link:
                 return self._ever_connected_in_round
             if time.monotonic() > deadline:
                 log.info(
-                    "no answer from %s to CONNECT within %.0f s",
+                    "no CONNACK from %s within %.0f s",
                     self._options.address,
                     CONNACK_TIMEOUT_S,
                 )
@@ -376,7 +376,7 @@ class Link:
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         for code in reason_codes:
             if code.is_failure:
-                log.warning("broker %s refused a subscription: %s", self._options.address, code)
+                log.warning("broker %s rejected a subscription: %s", self._options.address, code)
         with self._lock:
             self._pending_subacks.discard(mid)
             if not self._pending_subacks:

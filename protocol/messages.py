@@ -26,7 +26,7 @@ DeviceKind = Literal["laptop", "desktop", "phone", "tablet", "pi", "other"]
 Capability = Literal["images", "attachments", "html", "sound", "color"]
 PushKind = Literal["mail", "prompt", "status"]
 
-# States from most to least in use, as protocol.md orders them.
+# States from most to least in use; most-active routing ranks them in this order.
 STATES: tuple[StateName, ...] = ("active", "carried", "present", "idle", "away", "off")
 
 

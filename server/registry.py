@@ -18,7 +18,7 @@ from mailpush.protocol.policy import TerminalView
 
 @dataclass(slots=True)
 class TerminalRecord:
-    """What the registry holds for one terminal."""
+    """A terminal's latest state and attributes."""
 
     state: UsageState | None = None
     attributes: DeviceAttributes | None = None

@@ -87,7 +87,7 @@ class Router:
         missing = self._registry.wait_for_states(user.id, waiting, timeout)
         if missing:
             log.debug(
-                "probe %s: no answer from %s within %.0f ms",
+                "probe %s: no response from %s within %.0f ms",
                 probe_id,
                 sorted(missing),
                 timeout * 1000,
@@ -120,8 +120,8 @@ class Router:
 
 
 def _prompt_summary(mail: MailSummary) -> MailSummary:
-    # A prompt is a short notice; it names the mail but leaves the body preview
-    # and the attachment list on the terminal that got the mail.
+    # A prompt is a short notice. It names the mail, but the body preview and
+    # the attachment list stay with the terminal that got the mail.
     return MailSummary(
         id=mail.id,
         message_id=mail.message_id,
