@@ -235,12 +235,14 @@ def status(ctx: click.Context, as_json: bool) -> None:
     _print_sensors(sensors)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @common_options
 @click.pass_context
 def sensors(ctx: click.Context, as_json: bool) -> None:
     """List every sensor plugin, whether it works on this machine, and why not."""
+    if ctx.invoked_subcommand is not None:
+        return
     obj = _context(ctx)
     settings = obj.load() if _config_available(obj) else None
     described = _probe_sensors(obj.plugins, settings, include_disabled=True)
@@ -248,6 +250,27 @@ def sensors(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(described, indent=2))
         return
     _print_sensors(described)
+
+
+@sensors.command("probe")
+@click.option(
+    "--bus", type=click.IntRange(min=0), required=True, help="I2C bus number N of /dev/i2c-N."
+)
+@common_options
+@click.pass_context
+def sensors_probe(ctx: click.Context, bus: int) -> None:
+    """List the known temperature chips found on an I2C bus, using reads only."""
+    _context(ctx)
+    from mailpush.sensors.temperature.probe import describe_probe, probe_bus
+
+    click.echo(describe_probe(bus))
+    found = probe_bus(bus)
+    if not found:
+        click.echo("no known chip answered")
+    for device in found:
+        chip = device.chip or " or ".join(device.candidates) or "unknown"
+        note = f" ({device.note})" if device.note else ""
+        click.echo(f"  0x{device.address:02X}  {chip}{note}")
 
 
 @cli.group(invoke_without_command=True)
@@ -410,3 +433,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+
+
+from mailpush.agent.policy_cli import policy  # noqa: E402  (policy_cli imports this module)
+
+cli.add_command(policy)

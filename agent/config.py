@@ -233,6 +233,8 @@ def _build_sensors(
             raise ConfigError(msg)
 
         options = plugin.parse_options(table) if plugin is not None else None
+        if enabled and plugin is not None:
+            plugin.check_enabled(options)
         settings[name] = SensorSettings(enabled=enabled, options=options)
     return settings
 

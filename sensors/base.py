@@ -18,6 +18,8 @@ A plugin **may** override:
 
 * ``Options``: a dataclass of its config keys with defaults; the agent
   validates the ``[sensors.NAME]`` table against it before anything starts.
+* ``check_enabled(options)``: reject options that are valid but incomplete
+  for an enabled plugin, such as a missing bus or pin.
 * ``poll_interval_s``: how often a polled plugin is read (seconds).
 * ``enabled_by_default``: whether the agent runs it without a
   ``[sensors.NAME]`` table; False suits hardware few terminals have.
@@ -132,6 +134,17 @@ class SensorPlugin:
             ConfigError: naming the key, the value and what is allowed.
         """
         return parse_dataclass(cls.Options, table, f"sensors.{cls.name}")
+
+    @classmethod
+    def check_enabled(cls, options: "SensorPlugin.Options") -> None:
+        """Check that validated options are complete for a plugin that is enabled.
+
+        The agent validates every plugin's table, enabled or not, so keys that
+        only an enabled plugin needs (an I2C bus, a GPIO pin) are checked here.
+
+        Raises:
+            ConfigError: naming the missing key and what to set.
+        """
 
     def start(self, wake: WakeCallback) -> None:
         """Open devices and start callbacks. Never raises for missing hardware."""

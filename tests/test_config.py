@@ -180,3 +180,16 @@ def test_password_sources(tmp_path, monkeypatch):
     assert from_file.broker.password() == "hunter2"
     assert from_env.broker.password() == "from-env"
     assert from_command.broker.password() == "from-cmd"
+
+
+def test_enabled_temperature_needs_bus():
+    with pytest.raises(ConfigError) as caught:
+        build({"user": "a", "terminal": "b", "sensors": {"temperature": {"enabled": True}}})
+
+    assert str(caught.value).startswith("sensors.temperature.bus: missing; set bus = 1")
+
+
+def test_disabled_temperature_needs_nothing():
+    config = build({"user": "a", "terminal": "b"})
+
+    assert config.sensors["temperature"].enabled is False
