@@ -176,6 +176,7 @@ def config_show(ctx: click.Context) -> None:
             "topic_root": settings.broker.topic_root,
         },
         "fusion": {**dataclasses.asdict(settings.fusion), "heartbeat_s": settings.heartbeat_s},
+        "receiver": dataclasses.asdict(settings.receiver),
         "sensors": {name: s.enabled for name, s in settings.sensors.items()},
     }
     click.echo(json.dumps(shown, indent=2))

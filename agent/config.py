@@ -5,6 +5,7 @@ unless ``--config`` names another. Command-line flags override the file.
 Every error is one line naming the key, the value and what is allowed.
 """
 
+import dataclasses
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -167,6 +168,11 @@ def build_config(
         raise ConfigError(msg)
 
     fusion_table = dict(_table(data, "fusion"))
+    allowed_fusion = {field.name for field in dataclasses.fields(FusionConfig)} | {"heartbeat_s"}
+    unknown_fusion = sorted(set(fusion_table) - allowed_fusion)
+    if unknown_fusion:
+        msg = f"fusion.{unknown_fusion[0]}: unknown key; allowed keys: {', '.join(sorted(allowed_fusion))}"
+        raise ConfigError(msg)
     heartbeat_s = fusion_table.pop("heartbeat_s", DEFAULT_HEARTBEAT_S)
     if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int | float) or heartbeat_s < 1:
         msg = (
@@ -205,7 +211,8 @@ def load_config(
     explicit = path is not None
     path = path or default_config_path()
     overrides = overrides or {}
-    if not explicit and not path.exists() and overrides.get("user") and overrides.get("terminal"):
+    given = overrides.get("user") is not None and overrides.get("terminal") is not None
+    if not explicit and not path.exists() and given:
         return build_config({}, plugins, overrides=overrides)
     return build_config(read_config_file(path), plugins, overrides=overrides, source=path)
 

@@ -35,8 +35,8 @@ IN_USE_RULE_NAME = "terminal in use"
 def policy_path(config: AgentConfig) -> Path:
     """Return the local policy file: ``policy.toml`` in the folder of the agent's config file.
 
-    Without a config file (``--user`` and ``--terminal`` given as flags), the
-    platform's config folder holds it, where ``agent.toml`` would be.
+    Without a config file (``--user`` and ``--terminal`` given as flags), it is
+    in the platform's config folder, where ``agent.toml`` would be.
     """
     folder = config.source.parent if config.source is not None else default_config_path().parent
     return folder / POLICY_FILE_NAME
@@ -77,16 +77,43 @@ def read_policy_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        msg = f"{path}: policy file not found; write one (see docs/policies.md) or use a preset flag"
+        msg = (
+            f"{path}: policy file not found; write one (see docs/policies.md) or use a preset flag"
+        )
         raise ConfigError(msg) from None
     except (OSError, UnicodeDecodeError) as exc:
         msg = f"{path}: cannot read the policy file: {exc}"
         raise ConfigError(msg) from None
 
 
-def render_policy(policy: Policy) -> str:
-    """Return ``policy`` as the text of a policy file, with a short explanatory header."""
-    return FILE_HEADER + "\n" + tomli_w.dumps(policy_to_toml_dict(policy))
+def render_policy(policy: Policy, header: bool = True) -> str:
+    """Return ``policy`` as the text of a policy file.
+
+    Each rule is a ``[[rules]]`` table with ``match`` as an inline table, as
+    users write it, and an empty ``match`` or ``require`` is left out. tomli_w
+    formats every scalar, so strings are always escaped correctly. The keys of
+    ``match`` (``from``, ``subject``...) are all bare keys, so they need no quoting.
+    """
+    data = policy_to_toml_dict(policy)
+    chunks = [FILE_HEADER + "\n"] if header else []
+    chunks.append(f"fallback = {_toml_value(data['fallback'])}\n")
+    for rule in data["rules"]:
+        chunks.append("\n[[rules]]\n")
+        for key, value in rule.items():
+            if key in ("match", "require") and not value:
+                continue
+            chunks.append(f"{key} = {_toml_value(value)}\n")
+    return "".join(chunks)
+
+
+def _toml_value(value: object) -> str:
+    """Return ``value`` as one line of TOML; tables and arrays are written inline."""
+    if isinstance(value, dict):
+        pairs = ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items())
+        return f"{{ {pairs} }}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return tomli_w.dumps({"value": value}).partition(" = ")[2].strip()
 
 
 def save_policy_text(path: Path, text: str) -> None:

@@ -12,11 +12,11 @@ terminal = "{terminal}"
 
 [broker]
 url = "{broker}"              # mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS
+{protocol_line}
 # username = "{user}-{terminal}"
 # password_file = "~/.config/mailpush/broker-password"   # chmod 600; or:
 # password_env = "MAILPUSH_BROKER_PASSWORD"
 # ca_file = "/etc/ssl/certs/my-ca.pem"                 # for mqtts:// with a private CA
-# protocol = "auto"          # "auto" tries MQTT 5, then 3.1.1; or "5", "3.1.1"
 # keepalive_s = 60
 
 [fusion]
@@ -40,5 +40,21 @@ url = "{broker}"              # mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS
 
 
 def render(user: str, terminal: str, broker: str | None = None) -> str:
-    """Return the config file text for one terminal."""
-    return TEMPLATE.format(user=user, terminal=terminal, broker=broker or DEFAULT_BROKER_URL)
+    """Return the config file text for one terminal.
+
+    Without a broker URL the file points at the service's embedded broker,
+    which speaks MQTT 3.1.1 only, so it says so and the agent skips its wait
+    for an MQTT 5 CONNACK.
+    """
+    if broker is None:
+        protocol_line = 'protocol = "3.1.1"         # the embedded broker speaks MQTT 3.1.1 only'
+    else:
+        protocol_line = (
+            '# protocol = "auto"        # "auto" tries MQTT 5, then 3.1.1; or "5", "3.1.1"'
+        )
+    return TEMPLATE.format(
+        user=user,
+        terminal=terminal,
+        broker=broker or DEFAULT_BROKER_URL,
+        protocol_line=protocol_line,
+    )

@@ -249,7 +249,11 @@ class Link:
             )
             return "failed"
         except (OSError, ValueError) as exc:
-            log.info("cannot reach broker %s: %s", address, exc)
+            # The first failure in a row is worth a person's attention; the
+            # retries that follow are not, until the link connects again.
+            level = logging.WARNING if self._failures_in_row == 0 else logging.INFO
+            log.log(level, "cannot reach broker %s: %s; retrying", address, exc)
+            self._failures_in_row += 1
             return "failed"
 
         if not self._await_connack():
@@ -294,6 +298,7 @@ class Link:
         self._client = self._make_client()
         self._downgrade_requested = True
 
+    _failures_in_row = 0
     _ever_connected_in_round = False
     _downgrade_requested = False
 
@@ -327,6 +332,7 @@ class Link:
                 return
 
             self._ever_connected_in_round = True
+            self._failures_in_row = 0
             log.info(
                 "connected to %s (MQTT %s, session %s)",
                 self._options.address,

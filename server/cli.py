@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -42,6 +43,9 @@ def _setup_logging(level: str) -> None:
     # must never reach a log, so these stay at WARNING whatever --log-level says.
     for noisy in ("amqtt", "transitions", "imapclient"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # amqtt warns about undelivered messages and malformed CONNECTs (every MQTT 5
+    # client's first try) as a matter of course; only its errors matter here.
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
 
 
 config_option = click.option(
@@ -120,23 +124,34 @@ def demo(
         agent = subprocess.Popen(agent_command, env=env)
         mailbox = config.users[0].mailbox
         where = mailbox.path if isinstance(mailbox, MaildirMailbox) else "the IMAP account"
+        scripts = Path(sys.executable).parent
         click.echo(
             f"\nmailpush demo: service, broker {address}, agent {user}/{terminal}, mail from {where}.\n"
-            f"Drop in a mail with:  mailpush-server deliver --sample\n"
+            "In another terminal, drop in a mail and list what the agent received:\n"
+            f"  {scripts / 'mailpush-server'} deliver --sample\n"
+            f"  {scripts / 'mailpush-agent'} inbox --config {agent_config}\n"
             "Ctrl-C stops everything.\n",
             err=True,
         )
 
-    threading.Thread(target=start_agent, name="demo-agent", daemon=True).start()
-    try:
-        _run_service(config, service)
-    finally:
+    def stop_agent() -> None:
         if agent is not None and agent.poll() is None:
             agent.send_signal(signal.SIGTERM)
             try:
                 agent.wait(10)
             except subprocess.TimeoutExpired:
                 agent.kill()
+
+    def stop_all() -> None:
+        # The agent goes first, so it says goodbye while the broker still runs.
+        stop_agent()
+        service.stop()
+
+    threading.Thread(target=start_agent, name="demo-agent", daemon=True).start()
+    try:
+        _run_service(config, service, on_stop=lambda: threading.Thread(target=stop_all).start())
+    finally:
+        stop_agent()
 
 
 @cli.command()
@@ -195,11 +210,18 @@ def config_show(config_path: Path | None, broker: str | None) -> None:
     click.echo(json.dumps(shown, indent=2, default=str))
 
 
-def _run_service(config: ServerConfig, service: PushService | None = None) -> None:
+def _run_service(
+    config: ServerConfig,
+    service: PushService | None = None,
+    on_stop: Callable[[], None] | None = None,
+) -> None:
     service = service or PushService(config)
 
     def request_stop(signum: int, frame: object) -> None:
-        service.stop()
+        if on_stop is not None:
+            on_stop()
+        else:
+            service.stop()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)

@@ -32,7 +32,7 @@ _TOP_LEVEL_KEYS = {"broker", "service", "users"}
 _IMAP_KEYS = {
     "kind", "host", "port", "tls", "starttls", "ca_file", "username", "password_file",
     "password_env", "password_command", "folder", "idle_renew_s", "noop_every_s", "poll_s",
-    "timeout_s",
+    "timeout_s", "flags_sync_s",
 }  # fmt: skip
 
 
@@ -306,6 +306,7 @@ def _check_imap_types(table: Mapping[str, Any], where: str) -> None:
         "noop_every_s": (int, float),
         "poll_s": (int, float),
         "timeout_s": (int, float),
+        "flags_sync_s": (int, float),
     }
     for key, types in expected.items():
         if key not in table:

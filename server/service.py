@@ -1,14 +1,16 @@
 """The push service: mailbox watchers, terminal registry, policy, router and outbox.
 
 One :class:`PushService` serves every configured user. Each mailbox has a
-watcher thread; MQTT messages (states, attributes, acks, policies) arrive on
-the link's network thread; the main thread resends unacknowledged pushes and
-expires old ones.
+watcher thread, and MQTT messages (states, attributes, acks, policies, read
+states) arrive on the link's network thread. The main thread resends
+unacknowledged pushes and expires old ones.
 """
 
 import logging
+import queue
 import threading
 import time
+import uuid
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -18,7 +20,16 @@ from mailpush.protocol.broker_url import BrokerAddress
 from mailpush.protocol.droplog import DropLog
 from mailpush.protocol.ids import service_client_id
 from mailpush.protocol.link import Link, LinkOptions
-from mailpush.protocol.messages import Ack, DeviceAttributes, UsageState, decode
+from mailpush.protocol.messages import (
+    Ack,
+    DeviceAttributes,
+    MailStatus,
+    MailSummary,
+    Push,
+    UsageState,
+    decode,
+    encode,
+)
 from mailpush.protocol.topics import TopicKind, TopicRef, Topics
 from mailpush.server.broker import EmbeddedBroker
 from mailpush.server.config import ImapMailbox, MaildirMailbox, ServerConfig, UserSettings
@@ -52,6 +63,11 @@ class PushService:
         self._drops = DropLog(log)
         self._watcher_errors: dict[str, MailpushError] = {}
         self._held: set[str] = set()
+        self._watchers: dict[str, MailboxWatcher] = {}
+        self._read_state: queue.Queue[tuple[str, MailStatus] | None] = queue.Queue()
+        # NOTE: the last read state reported per mail lives in memory only, so
+        # after a restart a mailbox change may be reported to the terminals twice.
+        self._seen: dict[tuple[str, str], bool] = {}
         self.policies = PolicyStore(config.state_dir / "policies")
         self.outbox: Outbox | None = None
         self.link: Link | None = None
@@ -70,27 +86,32 @@ class PushService:
                 was rejected, or every mailbox watcher failed.
         """
         with ExitStack() as stack:
-            address = self._start_broker(stack)
             state_dir = self.config.state_dir
             state_dir.mkdir(parents=True, exist_ok=True)
+            store = StateStore(state_dir / "mailboxes.sqlite3")
+            stack.callback(store.close)
+            # Mailboxes are checked (and passwords read) before anything listens.
+            self._watchers = {user.id: _make_watcher(user, store) for user in self.config.users}
+
+            address = self._start_broker(stack)
             service = self.config.service
             self.outbox = stack.enter_context(
                 Outbox(state_dir / "outbox.sqlite3", service.resend_after_s, service.outbox_ttl_s)
             )
-            store = StateStore(state_dir / "mailboxes.sqlite3")
-            stack.callback(store.close)
             self.policies.load(list(self._users))
 
             self._connect(stack, address)
+            if self._stop.is_set():
+                log.info("service stopped before it was ready")
+                return
+            self._start_read_state_worker(stack)
             router = Router(service, self.registry, self.policies, self._send_probe)
-            watchers = [
-                self._start_watcher(stack, user, store, router) for user in self.config.users
-            ]
+            threads = [self._start_watcher(stack, user, router) for user in self.config.users]
             log.info(
-                "service %s ready: %d users, broker %s", service.instance, len(watchers), address
+                "service %s ready: %d users, broker %s", service.instance, len(threads), address
             )
             self.ready.set()
-            self._serve(watchers)
+            self._serve(threads)
         log.info("service stopped")
 
     # Start-up
@@ -131,15 +152,22 @@ class PushService:
             (TopicKind.ATTRIBUTES, self._on_attributes),
             (TopicKind.ACK, self._on_ack),
             (TopicKind.POLICY, self._on_policy),
+            (TopicKind.MAILSTATUS, self._on_mailstatus),
         ):
             link.subscribe(self.topics.all_users(kind), partial(self._dispatch, kind, handler))
         link.start()
         stack.callback(link.stop)
         self.link = link
 
-        if not link.wait_connected(CONNECT_TIMEOUT_S):
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while not link.wait_connected(0.2) and not self._stop.is_set():
+            if link.fatal_error is not None or time.monotonic() > deadline:
+                break
+        if not link.connected:
             if link.fatal_error is not None:
                 raise link.fatal_error
+            if self._stop.is_set():
+                return
             log.warning("broker %s not reachable yet; mail is held until it is", address)
             return
         # The retained states follow the subscription acknowledgements; give
@@ -148,13 +176,14 @@ class PushService:
             time.sleep(RETAINED_GRACE_S)
 
     def _start_watcher(
-        self, stack: ExitStack, user: UserSettings, store: StateStore, router: Router
+        self, stack: ExitStack, user: UserSettings, router: Router
     ) -> threading.Thread:
-        watcher = _make_watcher(user, store)
+        watcher = self._watchers[user.id]
         on_mail = partial(self._on_mail, user, router)
+        on_flags = partial(self._on_mailbox_flags, user.id)
         thread = threading.Thread(
             target=self._watch,
-            args=(user.id, watcher, on_mail),
+            args=(user.id, watcher, on_mail, on_flags),
             name=f"mailbox-{user.id}",
             daemon=True,
         )
@@ -162,9 +191,9 @@ class PushService:
         stack.callback(thread.join, 10)
         return thread
 
-    def _watch(self, user: str, watcher: MailboxWatcher, on_mail) -> None:
+    def _watch(self, user: str, watcher: MailboxWatcher, on_mail, on_flags) -> None:
         try:
-            watcher.run(on_mail, self._stop)
+            watcher.run(on_mail, self._stop, on_flags)
         except MailpushError as exc:
             log.error("mailbox of %s stopped: %s", user, exc)
             self._watcher_errors[user] = exc
@@ -303,6 +332,80 @@ class PushService:
 
     def _on_policy(self, ref: TopicRef, payload: bytes) -> None:
         self.policies.update(ref.user, payload)
+
+    def _on_mailstatus(self, ref: TopicRef, payload: bytes) -> None:
+        status = decode(payload, MailStatus)
+        self._read_state.put((ref.user, status))
+
+    # Read state
+
+    def _start_read_state_worker(self, stack: ExitStack) -> None:
+        """Apply MailStatus messages on a thread of their own: IMAP round trips may be slow."""
+        thread = threading.Thread(target=self._apply_read_states, name="read-state", daemon=True)
+        thread.start()
+
+        def stop_worker() -> None:
+            self._read_state.put(None)
+            thread.join(10)
+
+        stack.callback(stop_worker)
+
+    def _apply_read_states(self) -> None:
+        while True:
+            item = self._read_state.get()
+            if item is None:
+                return
+            user, status = item
+            try:
+                self._apply_read_state(user, status)
+            except Exception:
+                log.exception("read state of mail %s of %s could not be applied", status.mail, user)
+
+    def _apply_read_state(self, user: str, status: MailStatus) -> None:
+        word = "read" if status.seen else "unread"
+        watcher = self._watchers.get(user)
+        if watcher is not None and watcher.set_seen(status.mail, status.seen):
+            log.info("mail %s of %s marked %s by %s", status.mail, user, word, status.by)
+        else:
+            log.info(
+                "mail %s of %s marked %s by %s; the mailbox could not be updated",
+                status.mail,
+                user,
+                word,
+                status.by,
+            )
+        self._seen[(user, status.mail)] = status.seen
+        self._send_status(
+            user, status.mail, status.seen, skip=status.by, reason=f"marked {word} on {status.by}"
+        )
+
+    def _on_mailbox_flags(self, user: str, mail_id: str, seen: bool) -> None:
+        """Report a read-state change made in the mailbox (another mail client) to the terminals."""
+        if self._seen.get((user, mail_id)) == seen:
+            return
+        assert self.outbox is not None
+        if not self.outbox.routed(user, mail_id):
+            return  # the terminals never got this mail, so there is nothing to update
+        self._seen[(user, mail_id)] = seen
+        word = "read" if seen else "unread"
+        log.info("mail %s of %s marked %s in the mailbox", mail_id, user, word)
+        self._send_status(user, mail_id, seen, skip=None, reason=f"marked {word} in the mailbox")
+
+    def _send_status(
+        self, user: str, mail_id: str, seen: bool, skip: str | None, reason: str
+    ) -> None:
+        assert self.link is not None
+        push = Push(
+            id=uuid.uuid4().hex,
+            kind="status",
+            mail=MailSummary(id=mail_id, seen=seen),
+            reason=reason,
+            ts=round(time.time(), 3),
+        )
+        payload = encode(push)
+        for terminal in self.registry.terminals(user):
+            if terminal != skip:
+                self.link.publish(self.topics.inbox(user, terminal), payload)
 
 
 def _make_watcher(user: UserSettings, store: StateStore) -> MailboxWatcher:
