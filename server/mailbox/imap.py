@@ -1,10 +1,16 @@
 r"""Watch an IMAP folder for new mail, with IDLE (RFC 2177) or by polling.
 
-The watcher selects the folder read-only (EXAMINE) and fetches with
-``BODY.PEEK[]``, so it never sets ``\Seen`` or changes anything else. It
+The watching connection selects the folder read-only (EXAMINE) and fetches
+with ``BODY.PEEK[]``, so it never sets ``\Seen`` or changes anything else. It
 remembers the folder's UIDVALIDITY and the last UID handled in the state store;
 after a restart or a reconnect it searches for every UID above that one, so mail
 that arrived meanwhile is caught up. Only UIDs are used, never sequence numbers.
+
+Read state: ``set_seen`` opens a short connection of its own, never the watching
+one. To find ``\Seen`` changes made elsewhere, the watcher searches the most
+recent handled UIDs for seen mail after each connect, every ``flags_sync_s``,
+and whenever the server reports a flag change during IDLE (an untagged FETCH,
+RFC 3501 section 7.4.2).
 """
 
 import ipaddress
@@ -20,7 +26,13 @@ from imapclient import IMAPClient
 from imapclient.exceptions import CapabilityError, IMAPClientAbortError, IMAPClientError, LoginError
 
 from mailpush.errors import AuthenticationError, ConfigError, MailpushError
-from mailpush.server.mailbox.base import MailCallback, NewMail, RetryLater
+from mailpush.server.mailbox.base import (
+    FlagCallback,
+    MailCallback,
+    NewMail,
+    RetryLater,
+    SeenTracker,
+)
 from mailpush.server.mailbox.state import ImapPosition, StateStore
 
 log = logging.getLogger(__name__)
@@ -31,6 +43,13 @@ MAX_IDLE_RENEW_S = 29 * 60
 
 # How often a wait inside IDLE checks the stop event.
 STOP_CHECK_S = 0.5
+
+# The read-state check covers the UIDs from last_uid - 499 to last_uid, so at
+# most 500 mails, which bounds the memory and the search.
+# NOTE: a read-state change of a mail below that range is not reported.
+FLAGS_WINDOW = 500
+
+SEEN = b"\\Seen"
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,8 @@ class ImapConfig:
         idle_renew_s: Seconds after which IDLE is ended and issued again.
         noop_every_s: Seconds of silence during IDLE after which a NOOP checks the connection.
         poll_s: Seconds between two checks on a server without IDLE.
+        flags_sync_s: Seconds between two read-state checks of the handled
+            mail, besides those the server's flag change reports start.
         timeout_s: Socket timeout in seconds for connecting and for every response.
         reconnect_min_s: First delay in seconds before reconnecting.
         reconnect_max_s: Maximum delay in seconds between reconnection attempts.
@@ -66,6 +87,7 @@ class ImapConfig:
     idle_renew_s: float = 600.0
     noop_every_s: float = 120.0
     poll_s: float = 30.0
+    flags_sync_s: float = 60.0
     timeout_s: float = 30.0
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 300.0
@@ -87,7 +109,8 @@ class ImapConfig:
                 " s, because servers may drop an IDLE older than 30 minutes (RFC 2177)"
             )
             raise ConfigError(msg)
-        for name in ("noop_every_s", "poll_s", "timeout_s", "reconnect_min_s", "retry_s"):
+        positive = ("noop_every_s", "poll_s", "flags_sync_s", "timeout_s", "reconnect_min_s")
+        for name in (*positive, "retry_s"):
             if getattr(self, name) <= 0:
                 msg = f"imap: {name} = {getattr(self, name)} is invalid; set a positive number"
                 raise ConfigError(msg)
@@ -144,7 +167,9 @@ class ImapWatcher:
         self.mailbox_key = f"imap://{self.where}"
         self._warned_plaintext = False
 
-    def run(self, on_mail: MailCallback, stop: threading.Event) -> None:
+    def run(
+        self, on_mail: MailCallback, stop: threading.Event, on_flags: FlagCallback | None = None
+    ) -> None:
         """Watch the folder until ``stop`` is set; see ``MailboxWatcher.run``.
 
         Raises:
@@ -152,9 +177,11 @@ class ImapWatcher:
             ConfigError: The server lacks STARTTLS although ``starttls`` is set.
         """
         backoff = _Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
+        # Kept across reconnects, so a change made while disconnected is reported.
+        tracker = SeenTracker(on_flags, "imap")
         while not stop.is_set():
             try:
-                self._session(on_mail, stop, backoff)
+                self._session(on_mail, stop, backoff, tracker)
             except MailpushError:
                 raise
             except ssl.SSLCertVerificationError as exc:
@@ -191,7 +218,88 @@ class ImapWatcher:
                 )
                 stop.wait(delay)
 
-    def _session(self, on_mail: MailCallback, stop: threading.Event, backoff: _Backoff) -> None:
+    def set_seen(self, mail_id: str, seen: bool) -> bool:
+        r"""Set or clear ``\Seen`` on one mail over a short connection; see ``MailboxWatcher``.
+
+        The connection logs in, selects the folder read-write, checks that its
+        UIDVALIDITY is the one in ``mail_id``, stores the flag and logs out.
+        Every failure, a rejected login included, is logged and returns False.
+        """
+        uid_pair = _parse_mail_id(mail_id)
+        if uid_pair is None:
+            log.warning(
+                "imap: %r is not an IMAP mail id (UIDVALIDITY-UID); read state not changed",
+                mail_id,
+            )
+            return False
+
+        try:
+            return self._store_seen(mail_id, *uid_pair, seen)
+        except MailpushError as exc:
+            log.warning("%s; read state of mail %s not changed", exc, mail_id)
+        except (OSError, IMAPClientError) as exc:
+            log.warning(
+                "imap: setting the read state of mail %s in %s failed (%s)",
+                mail_id,
+                self.where,
+                _describe(exc),
+            )
+        return False
+
+    def _store_seen(self, mail_id: str, uidvalidity: int, uid: int, seen: bool) -> bool:
+        client = self._connect()
+        graceful = False
+        try:
+            response = client.select_folder(self.config.folder, readonly=False)
+            current = int(response.get(b"UIDVALIDITY", 0))
+            done = False
+            if current != uidvalidity:
+                log.warning(
+                    "imap: mail %s not found: UIDVALIDITY of %s is now %d; read state not changed",
+                    mail_id,
+                    self.where,
+                    current,
+                )
+            elif uid not in client.search(["UID", str(uid)]):
+                log.warning(
+                    "imap: mail %s not found in %s (expunged or moved); read state not changed",
+                    mail_id,
+                    self.where,
+                )
+            else:
+                done = self._store_flag(client, mail_id, uid, seen)
+            graceful = True
+            return done
+        finally:
+            _close(client, graceful)
+
+    def _store_flag(self, client: IMAPClient, mail_id: str, uid: int, seen: bool) -> bool:
+        if seen:
+            client.add_flags([uid], [SEEN], silent=True)
+        else:
+            client.remove_flags([uid], [SEEN], silent=True)
+
+        # STORE on an expunged UID succeeds without effect (RFC 3501 section
+        # 6.4.8), so the flag is checked afterwards.
+        if uid not in client.search(["UID", str(uid), "SEEN" if seen else "UNSEEN"]):
+            log.warning(
+                "imap: mail %s in %s was expunged while being flagged; read state not changed",
+                mail_id,
+                self.where,
+            )
+            return False
+        log.debug(
+            "imap: mail %s in %s marked %s", mail_id, self.where, "seen" if seen else "unseen"
+        )
+        return True
+
+    def _session(
+        self,
+        on_mail: MailCallback,
+        stop: threading.Event,
+        backoff: _Backoff,
+        tracker: SeenTracker,
+    ) -> None:
         """Connect, catch up and watch until ``stop`` is set or the connection fails."""
         client = self._connect()
         graceful = False
@@ -207,14 +315,22 @@ class ImapWatcher:
                 "IDLE" if use_idle else f"polling every {self.config.poll_s:g} s",
             )
 
+            next_flags_sync = time.monotonic()
             while not stop.is_set():
-                if not self._catch_up(client, cursor, on_mail, stop):
+                caught_up = self._catch_up(client, cursor, on_mail, stop, tracker)
+                if time.monotonic() >= next_flags_sync:
+                    self._sync_flags(client, cursor, tracker)
+                    next_flags_sync = time.monotonic() + self.config.flags_sync_s
+
+                if not caught_up:
                     stop.wait(self.config.retry_s)
                 elif use_idle:
-                    self._idle(client, stop)
+                    if self._idle(client, stop, next_flags_sync):
+                        next_flags_sync = time.monotonic()
                 else:
                     stop.wait(self.config.poll_s)
-                    client.noop()
+                    if any(_is_flag_change(r) for r in client.noop()[1]):
+                        next_flags_sync = time.monotonic()
             graceful = True
         finally:
             _close(client, graceful)
@@ -303,6 +419,7 @@ class ImapWatcher:
         cursor: _Cursor,
         on_mail: MailCallback,
         stop: threading.Event,
+        tracker: SeenTracker,
     ) -> bool:
         """Deliver each mail above the last UID in UID order; False if ``on_mail`` raised."""
         # In RFC 3501 (section 9, seq-range) "*" is the highest UID in use and
@@ -327,9 +444,30 @@ class ImapWatcher:
                         self.config.retry_s,
                     )
                     return False
+                tracker.observe(mail.mail_id, mail.seen)
             self.store.mark_imap_handled(self.mailbox_key, cursor.uidvalidity, uid)
             cursor.last_uid = uid
         return True
+
+    def _sync_flags(self, client: IMAPClient, cursor: _Cursor, tracker: SeenTracker) -> None:
+        r"""Compare the ``\Seen`` state of the highest handled UIDs with the last one known.
+
+        UID SEARCH is used rather than FETCH FLAGS: imaplib keeps unsolicited
+        FETCH responses, keyed by sequence number, until the next FETCH, and
+        imapclient merges them into that FETCH's result, keyed by UID.
+        """
+        high = cursor.last_uid
+        low = max(1, high - FLAGS_WINDOW + 1)
+        present: list[str] = []
+        if high >= 1:
+            # Seen first: a mail expunged between the two searches then counts
+            # as gone, not as unseen.
+            seen = set(client.search(["UID", f"{low}:{high}", "SEEN"]))
+            for uid in sorted(client.search(["UID", f"{low}:{high}"])):
+                mail_id = f"{cursor.uidvalidity}-{uid}"
+                tracker.observe(mail_id, uid in seen)
+                present.append(mail_id)
+        tracker.retain(present)
 
     def _fetch(self, client: IMAPClient, uidvalidity: int, uid: int) -> NewMail | None:
         # NOTE: the whole message is held in memory, however large it is.
@@ -342,8 +480,14 @@ class ImapWatcher:
         mail_id = f"{uidvalidity}-{uid}"
         return NewMail(self.mailbox_key, mail_id, response[b"BODY[]"], b"\\seen" in flags)
 
-    def _idle(self, client: IMAPClient, stop: threading.Event) -> None:
-        """Wait in IDLE until the server reports new mail, a timer runs out or ``stop`` is set.
+    def _idle(self, client: IMAPClient, stop: threading.Event, until: float) -> bool:
+        """Wait in IDLE until the server reports a change, a timer runs out or ``stop`` is set.
+
+        The wait also ends at ``until`` (a ``time.monotonic()`` value), when
+        the next read-state check is due.
+
+        Returns:
+            True if the server reported a flag change.
 
         Raises:
             IMAPClientError: The server reported a problem (an untagged NO or
@@ -356,9 +500,10 @@ class ImapWatcher:
 
         quiet = False
         problem = None
+        flags_changed = False
         while not stop.is_set():
             now = time.monotonic()
-            if now - started >= config.idle_renew_s:
+            if now - started >= config.idle_renew_s or now >= until:
                 break
             if now - last_heard >= config.noop_every_s:
                 quiet = True
@@ -370,20 +515,23 @@ class ImapWatcher:
             responses = client.idle_check(timeout=0)
             last_heard = time.monotonic()
             problem = next((r for r in responses if r[0] in (b"NO", b"BAD")), None)
+            flags_changed = any(_is_flag_change(r) for r in responses)
             # A readable socket with no complete response is either a closed
             # connection or a partial TLS record; ending IDLE shows which.
-            if not responses or problem or any(_ends_idle(r) for r in responses):
+            if not responses or problem or flags_changed or any(_ends_idle(r) for r in responses):
                 break
 
         # DONE waits for the tagged reply at most timeout_s, because the socket
         # has that timeout; a dead connection raises here and is reconnected.
-        client.idle_done()
+        _, late = client.idle_done()
+        flags_changed = flags_changed or any(_is_flag_change(r) for r in late)
         if problem:
             text = b" ".join(part for part in problem if isinstance(part, bytes))
             msg = f"server reported during IDLE: {text.decode(errors='replace')}"
             raise IMAPClientError(msg)
         if quiet:
-            client.noop()
+            flags_changed = any(_is_flag_change(r) for r in client.noop()[1]) or flags_changed
+        return flags_changed
 
 
 def _max_uid(client: IMAPClient, uidnext: int | None) -> int:
@@ -398,6 +546,22 @@ def _ends_idle(response: tuple) -> bool:
     # EXISTS announces new mail (RECENT may or may not come with it); BYE
     # announces that the server closes the connection.
     return (len(response) >= 2 and response[1] == b"EXISTS") or response[0] == b"BYE"
+
+
+def _parse_mail_id(mail_id: str) -> tuple[int, int] | None:
+    """Split ``{uidvalidity}-{uid}`` into two numbers; None if it has another form."""
+    uidvalidity, _, uid = mail_id.partition("-")
+    if not (uidvalidity.isascii() and uidvalidity.isdigit() and uid.isascii() and uid.isdigit()):
+        return None
+    if int(uid) < 1:
+        return None
+    return int(uidvalidity), int(uid)
+
+
+def _is_flag_change(response: tuple) -> bool:
+    # An untagged "* N FETCH (FLAGS (...))". N is a sequence number, not a UID,
+    # so the response only shows that some flag changed.
+    return len(response) >= 2 and response[1] == b"FETCH"
 
 
 def _close(client: IMAPClient, graceful: bool) -> None:

@@ -1,13 +1,17 @@
-"""Watch a local Maildir for new mail, read-only.
+"""Watch a local Maildir for new mail and for read-state changes.
 
-The user's mail client owns the Maildir, so this watcher never moves, renames,
-flags or deletes a file. It finds mail in ``new/`` and ``cur/`` and remembers
-the unique names it has handled in the state store.
+The user's mail client owns the Maildir, so the watcher only reads it, with one
+exception: ``set_seen`` adds or removes the ``S`` flag the way a mail client
+does, by renaming the file. It never deletes a file or changes its content. It
+finds mail in ``new/`` and ``cur/`` and remembers the unique names it has
+handled in the state store.
 
 Detection polls: every ``poll_s`` it stats ``new/`` and ``cur/``, and lists
 them with ``os.scandir`` only when one of them changed. A delivery agent writes
 a mail to ``tmp/`` and renames it into ``new/`` (the Maildir convention), which
-changes the mtime of ``new/``.
+changes the mtime of ``new/``. A mail client that adds or removes a flag
+renames the file in ``cur/``, which changes the mtime of ``cur/``, so the same
+listing finds read-state changes of handled mail.
 """
 
 import logging
@@ -18,13 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailpush.errors import ConfigError
-from mailpush.server.mailbox.base import MailCallback, NewMail, RetryLater
+from mailpush.server.mailbox.base import (
+    FlagCallback,
+    MailCallback,
+    NewMail,
+    RetryLater,
+    SeenTracker,
+)
 from mailpush.server.mailbox.state import StateStore
 
 log = logging.getLogger(__name__)
 
 # The info part of a Maildir file name starts with ":2," followed by the flags.
 INFO_SEPARATOR = ":2,"
+
+# The flag of a mail that has been read.
+SEEN_FLAG = "S"
 
 # A folder whose mtime is this recent is listed again even if the mtime did
 # not change. Two renames within one tick of the file system's clock leave the
@@ -81,13 +94,16 @@ class MaildirWatcher:
         self._warned: set[str] = set()
         self._scan_failing = False
 
-    def run(self, on_mail: MailCallback, stop: threading.Event) -> None:
+    def run(
+        self, on_mail: MailCallback, stop: threading.Event, on_flags: FlagCallback | None = None
+    ) -> None:
         """Watch the Maildir until ``stop`` is set; see ``MailboxWatcher.run``.
 
         Raises:
             ConfigError: The Maildir cannot be listed at start-up.
         """
         handled = self._load_handled()
+        tracker = SeenTracker(on_flags, "maildir")
         log.info("maildir: watching %s (%d mails already handled)", self.path, len(handled))
 
         last_stamp: tuple[int, int] | None = None
@@ -102,12 +118,94 @@ class MaildirWatcher:
                 if full_scan_due:
                     last_full_scan = time.monotonic()
                     self._warned.clear()
-                if not self._deliver_new(self._scan() or {}, handled, on_mail, stop):
-                    last_stamp = None
-                    stop.wait(self.retry_s)
-                    continue
+                listing = self._scan()
+                if listing is not None:
+                    self._track_flags(listing, handled, tracker)
+                    if not self._deliver_new(listing, handled, on_mail, stop, tracker):
+                        last_stamp = None
+                        stop.wait(self.retry_s)
+                        continue
 
             stop.wait(self.poll_s)
+
+    def set_seen(self, mail_id: str, seen: bool) -> bool:
+        """Add or remove the ``S`` flag of one mail by renaming its file; see ``MailboxWatcher``.
+
+        A file in ``new/`` moves to ``cur/`` with the flag, as a mail client
+        does when it shows a mail. If the file vanishes during the rename
+        because another client moved or renamed it, the folders are listed
+        again once.
+        """
+        if not mail_id or mail_id.startswith(".") or "/" in mail_id or ":" in mail_id:
+            log.warning("maildir: %r is not a Maildir unique name; read state not changed", mail_id)
+            return False
+
+        for _attempt in range(2):
+            try:
+                path = self._find(mail_id)
+            except OSError as exc:
+                log.warning("maildir: cannot list %s (%s); read state not changed", self.path, exc)
+                return False
+            if path is None:
+                log.warning(
+                    "maildir: mail %s not found in %s; read state not changed", mail_id, self.path
+                )
+                return False
+
+            target = self._flagged_path(path, seen)
+            if target == path:
+                return True
+            try:
+                os.rename(path, target)
+            except FileNotFoundError:
+                # Another client moved or renamed the file since it was listed.
+                continue
+            except OSError as exc:
+                log.warning("maildir: cannot rename %s to %s (%s)", path, target.name, exc)
+                return False
+            log.debug("maildir: renamed %s to %s", path, target)
+            return True
+
+        log.warning(
+            "maildir: mail %s in %s was moved twice while being flagged; read state not changed",
+            mail_id,
+            self.path,
+        )
+        return False
+
+    def _find(self, mail_id: str) -> Path | None:
+        """Return the file of one mail, or None if absent; ``cur/`` wins over ``new/``.
+
+        ``new/`` is listed first for the same reason as in ``_scan``.
+
+        Raises:
+            OSError: A folder cannot be listed.
+        """
+        prefix = mail_id + INFO_SEPARATOR
+        found = None
+        for sub in ("new", "cur"):
+            with os.scandir(self.path / sub) as entries:
+                for entry in entries:
+                    if entry.name == mail_id or entry.name.startswith(prefix):
+                        found = Path(entry.path)
+        return found
+
+    def _flagged_path(self, path: Path, seen: bool) -> Path:
+        """Return the path of ``path`` with ``S`` added or removed; ``path`` itself if unchanged."""
+        name, _, info = path.name.partition(INFO_SEPARATOR)
+        old_flags = set(info)
+        flags = old_flags | {SEEN_FLAG} if seen else old_flags - {SEEN_FLAG}
+
+        if path.parent.name == "new":
+            if not seen:
+                # No client has shown a mail in new/ yet, so it is unread already.
+                return path
+        elif flags == old_flags:
+            return path
+
+        # The Maildir spec (cr.yp.to/proto/maildir.html) requires the flags in
+        # ASCII order, so Dovecot's lower-case keyword letters follow "S".
+        return self.path / "cur" / f"{name}{INFO_SEPARATOR}{''.join(sorted(flags))}"
 
     def _load_handled(self) -> set[str]:
         listing = self._scan()
@@ -171,12 +269,22 @@ class MaildirWatcher:
         self._scan_failing = False
         return found
 
+    def _track_flags(
+        self, found: dict[str, _Entry], handled: set[str], tracker: SeenTracker
+    ) -> None:
+        """Report read-state changes of the handled mail in one listing."""
+        for name, entry in found.items():
+            if name in handled:
+                tracker.observe(name, entry.seen)
+        tracker.retain(found.keys())
+
     def _deliver_new(
         self,
         found: dict[str, _Entry],
         handled: set[str],
         on_mail: MailCallback,
         stop: threading.Event,
+        tracker: SeenTracker | None = None,
     ) -> bool:
         """Deliver every unhandled mail, oldest first; return False if ``on_mail`` raised."""
         waiting = [name for name in found if name not in handled]
@@ -203,6 +311,8 @@ class MaildirWatcher:
                 return False
             self.store.mark_maildir_handled(self.mailbox_key, name)
             handled.add(name)
+            if tracker is not None:
+                tracker.observe(name, entry.seen)
         return True
 
     def _read(self, name: str, path: Path) -> bytes | None:
