@@ -298,7 +298,7 @@ def inbox(ctx: click.Context, as_json: bool, limit: int) -> None:
     with Inbox(path) as store:
         pushes = store.list(limit)
     if as_json:
-        click.echo(json.dumps([msgspec.to_builtins(push) for push in pushes], indent=2))
+        click.echo(json.dumps([_full_dict(push) for push in pushes], indent=2))
         return
     if not pushes:
         click.echo("no pushes received yet")
@@ -338,6 +338,20 @@ def inbox_read(ctx: click.Context, mail_id: str, unread: bool) -> None:
     except BrokerError as exc:
         raise BrokerError(f"marked {'read' if seen else 'unread'} here only: {exc}") from None
     click.echo(f"{mail_id} marked {'read' if seen else 'unread'}")
+
+
+def _full_dict(value: Any) -> Any:
+    """Convert a message to JSON-ready data with every field, defaults included, for scripts."""
+    if isinstance(value, msgspec.Struct):
+        names = zip(value.__struct_fields__, value.__struct_encode_fields__, strict=True)
+        data = {encoded: _full_dict(getattr(value, name)) for name, encoded in names}
+        tag = value.__struct_config__.tag
+        if tag is not None:
+            data = {value.__struct_config__.tag_field: tag, **data}
+        return data
+    if isinstance(value, list):
+        return [_full_dict(item) for item in value]
+    return value
 
 
 def _probe_sensors(
