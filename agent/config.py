@@ -28,7 +28,7 @@ CONFIG_NAME = "agent.toml"
 DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
 DEFAULT_HEARTBEAT_S = 60.0
 
-_TOP_LEVEL_KEYS = {"user", "terminal", "broker", "fusion", "sensors", "receiver"}
+_TOP_LEVEL_KEYS = {"user", "terminal", "broker", "fusion", "sensors", "receiver", "position"}
 
 
 def default_config_path() -> Path:
@@ -79,6 +79,13 @@ class ReceiverSettings:
 
 
 @dataclass(frozen=True)
+class PositionSettings:
+    """The ``[position]`` table: where this terminal stands, as the user names it."""
+
+    zone: str | None = None
+
+
+@dataclass(frozen=True)
 class SensorSettings:
     """One ``[sensors.NAME]`` table: whether the plugin runs, and its validated options."""
 
@@ -98,6 +105,7 @@ class AgentConfig:
     heartbeat_s: float
     receiver: ReceiverSettings
     sensors: Mapping[str, SensorSettings] = field(default_factory=dict)
+    zone: str | None = None
     source: Path | None = None
 
 
@@ -183,6 +191,7 @@ def build_config(
 
     receiver = parse_dataclass(ReceiverSettings, _table(data, "receiver"), "receiver")
     sensors = _build_sensors(_table(data, "sensors"), plugins)
+    zone = _zone(parse_dataclass(PositionSettings, _table(data, "position"), "position"), sensors)
 
     return AgentConfig(
         user=user,
@@ -194,6 +203,7 @@ def build_config(
         receiver=receiver,
         sensors=sensors,
         source=source,
+        zone=zone,
     )
 
 
@@ -244,6 +254,19 @@ def _build_sensors(
             plugin.check_enabled(options)
         settings[name] = SensorSettings(enabled=enabled, options=options)
     return settings
+
+
+def _zone(position: PositionSettings, sensors: Mapping[str, SensorSettings]) -> str | None:
+    """Return the terminal's zone: ``[position] zone``, else the enabled PIR sensor's zone."""
+    zone = position.zone
+    if zone is None:
+        pir = sensors.get("pir")
+        if pir is not None and pir.enabled:
+            zone = getattr(pir.options, "zone", None)
+    if zone is not None and not 1 <= len(zone.strip()) <= 64:
+        msg = f"position.zone: invalid value {zone!r}; use a name of 1 to 64 characters, such as study"
+        raise ConfigError(msg)
+    return zone.strip() if zone is not None else None
 
 
 def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:

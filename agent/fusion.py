@@ -15,22 +15,31 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mailpush.agent.readings import merge_readings
+from mailpush.agent.readings import (
+    SkinBand,
+    active_confidence,
+    carried_confidence,
+    contact_spell,
+    evidence,
+    merge_readings,
+    pending_inputs,
+    pending_recheck,
+    power,
+    presence_sensed,
+    presence_time,
+    present_confidence,
+    proximity,
+    quiet_confidence,
+)
 from mailpush.errors import ConfigError
-from mailpush.protocol.messages import Evidence, Power, StateName
+from mailpush.protocol.messages import Evidence, Position, Power, StateName
 from mailpush.sensors.base import Reading
 
 __all__ = ["FusionConfig", "Fused", "fuse", "merge_readings"]
 
-# Confidence of each kind of evidence. A higher value means a stronger signal.
-_CONFIDENCE_ACTIVE_MIN = 0.9
-_CONFIDENCE_SKIN_CONTACT = 0.85
-_CONFIDENCE_SKIN_BAND = 0.7
-_CONFIDENCE_PRESENT = 0.75
-_CONFIDENCE_QUIET = 0.7  # idle or away, judged by a working input sensor
-_CONFIDENCE_PENDING = 0.6  # idle, with one input event awaiting confirmation
-_CONFIDENCE_PRESENCE_ONLY = 0.5  # idle or away, judged by a presence sensor alone
-_CONFIDENCE_NO_SENSOR = 0.3
+# Confidence while an input event awaits confirmation: the stray may be the
+# first sign of use, so idle and away are less sure.
+_CONFIDENCE_PENDING = 0.6
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,11 @@ class FusionConfig:
         skin_above_ambient_c: when the ambient temperature is known, a skin
             reading must exceed it by this much, so a warm room is not a hand.
         carry_hold_s: skin contact must hold this long before ``carried``.
+        skin_release_margin_c: once contact holds, the band and the ambient
+            contrast widen by this much, so a reading wobbling at a band edge
+            does not end it.
+        carry_release_s: a ``carried`` terminal stays ``carried`` until contact
+            has been lost for this long, so one stray reading does not end it.
     """
 
     active_window_s: float = 120.0
@@ -62,6 +76,8 @@ class FusionConfig:
     skin_max_c: float = 37.0
     skin_above_ambient_c: float = 2.0
     carry_hold_s: float = 30.0
+    skin_release_margin_c: float = 0.5
+    carry_release_s: float = 15.0
 
     def __post_init__(self) -> None:
         """Reject thresholds that no fusion can work with.
@@ -75,12 +91,25 @@ class FusionConfig:
                 _reject(key, getattr(self, key), "use a number of seconds above 0")
         if self.confirm_events < 1:
             _reject("confirm_events", self.confirm_events, "use 1 or more (1 turns it off)")
-        if self.carry_hold_s < 0:
-            _reject("carry_hold_s", self.carry_hold_s, "use 0 or more seconds")
+        for key in ("carry_hold_s", "carry_release_s"):
+            if getattr(self, key) < 0:
+                _reject(key, getattr(self, key), "use 0 or more seconds")
+        if not 0 <= self.skin_release_margin_c <= 5:
+            _reject("skin_release_margin_c", self.skin_release_margin_c, "use 0 to 5 degrees")
         if self.away_after_s < self.active_window_s:
             _reject("away_after_s", self.away_after_s, "use at least active_window_s")
         if self.skin_min_c >= self.skin_max_c:
             _reject("skin_min_c", self.skin_min_c, "use a value below skin_max_c")
+
+    @property
+    def skin_band(self) -> SkinBand:
+        """The skin-contact band these thresholds describe."""
+        return SkinBand(
+            low=self.skin_min_c,
+            high=self.skin_max_c,
+            above_ambient=self.skin_above_ambient_c,
+            release_margin=self.skin_release_margin_c,
+        )
 
 
 def _reject(key: str, value: object, fix: str) -> None:
@@ -99,6 +128,8 @@ class _Memory:
         pending: distinct unconfirmed input times, oldest first.
         counted_input: the latest input time that counted as use.
         contact_since: when the current spell of skin contact began.
+        contact_lost_since: when a held spell of contact was last seen lost,
+            or ``None`` while contact holds.
     """
 
     started: float
@@ -106,6 +137,7 @@ class _Memory:
     pending: tuple[float, ...] = ()
     counted_input: float | None = None
     contact_since: float | None = None
+    contact_lost_since: float | None = None
 
     @classmethod
     def update(
@@ -121,10 +153,25 @@ class _Memory:
         else:
             before = _continue_session(previous, reading.last_input, config)
 
+        contact_since, lost_since = contact_spell(
+            reading,
+            config.skin_band,
+            (before.contact_since, before.contact_lost_since),
+            now,
+            hold_s=config.carry_hold_s,
+            release_s=config.carry_release_s,
+        )
         return dataclasses.replace(
             before,
-            pending=_pending_inputs(reading.last_input, config, before.pending, now),
-            contact_since=_contact_since(reading, config, before.contact_since, now),
+            pending=pending_inputs(
+                reading.last_input,
+                before.pending,
+                now,
+                active_window_s=config.active_window_s,
+                confirm_window_s=config.confirm_window_s,
+            ),
+            contact_since=contact_since,
+            contact_lost_since=lost_since,
         )
 
 
@@ -155,6 +202,8 @@ class Fused:
         power: the power facts, or ``None`` when no plugin senses them.
         recheck_at: the :func:`clock` time at which the state may change with
             no new reading (a window ends, a confirmation resolves), or ``None``.
+        position: the zone and proximity for the UsageState payload, or
+            ``None`` when no zone is configured and nothing senses proximity.
     """
 
     state: StateName
@@ -163,6 +212,7 @@ class Fused:
     evidence: Evidence
     power: Power | None = None
     recheck_at: float | None = None
+    position: Position | None = None
     _memory: _Memory = field(default_factory=lambda: _Memory(started=0.0), repr=False)
 
 
@@ -173,15 +223,17 @@ def fuse(
     now: float,
     *,
     input_since: float | None = None,
+    zone: str | None = None,
 ) -> Fused:
     """Fuse a merged reading into the usage state at ``now``.
 
     The states, from most to least in use, are ``active``, ``carried``,
     ``present``, ``idle`` and ``away``. ``active`` needs confirmed input within
     the active window, and ``carried`` needs skin contact held for
-    ``carry_hold_s``. ``present`` needs an unsuspected presence detection within
-    the presence window. ``away`` means no counted input and no presence for
-    longer than ``away_after_s``.
+    ``carry_hold_s``; it ends once contact has been lost for
+    ``carry_release_s``. ``present`` needs an unsuspected presence detection
+    within the presence window. ``away`` means no counted input and no
+    presence for longer than ``away_after_s``.
 
     Leaving any state for ``active`` needs ``confirm_events`` distinct input
     times within ``confirm_window_s``. A reading carries only the latest input
@@ -190,9 +242,13 @@ def fuse(
     active and does not reset the away timer. Leaving ``active`` needs no
     confirmation: the state ends when the active window passes.
 
-    A terminal with no input sensor and no presence sensor is ``idle`` with
-    confidence 0.3, because nothing distinguishes idle from away. A working input
-    sensor that has seen no input yet is recognized by ``input_since``.
+    The confidence grows with the number of sensors that agree: presence with
+    recent input is surer than presence alone, and idle judged by both an
+    input and a presence sensor is surer than by either. A terminal with no
+    input sensor and no presence sensor is ``idle`` with confidence 0.3,
+    because nothing distinguishes idle from away. A working input sensor that
+    has seen no input yet is recognized by ``input_since``; a presence sensor
+    by its reading, and it counts as watching since the first fusion.
 
     Args:
         reading: the merged reading (see :func:`merge_readings`).
@@ -201,19 +257,28 @@ def fuse(
         now: the current :func:`clock` time.
         input_since: the :func:`clock` time since which a working input sensor
             has watched, or ``None`` when no input sensor runs.
+        zone: the name of the place the terminal is in, copied into ``position``.
     """
     memory = _Memory.update(reading, config, previous, now)
     state, confidence, began, recheck = _decide(reading, config, now, memory, input_since)
     if state == "active":
         memory = dataclasses.replace(memory, pending=(), counted_input=reading.last_input)
 
+    contact = None
+    if reading.temperature_c is not None:
+        contact = memory.contact_since is not None and memory.contact_lost_since is None
+    closeness = None
+    if state == "carried" or _input_sensed(reading, input_since) or presence_sensed(reading):
+        closeness = _proximity(state, reading, memory, config, now)
+
     return Fused(
         state=state,
         since=_since(state, began, previous, now),
         confidence=round(confidence, 3),
-        evidence=_evidence(reading, now),
-        power=_power(reading),
+        evidence=evidence(reading, now, contact=contact),
+        power=power(reading),
         recheck_at=recheck,
+        position=_position(zone, closeness),
         _memory=memory,
     )
 
@@ -229,32 +294,62 @@ def _decide(
         or len(memory.pending) >= config.confirm_events
     )
     if last_input is not None and now - last_input <= config.active_window_s and confirmed:
-        age = max(now - last_input, 0.0)
-        confidence = _CONFIDENCE_ACTIVE_MIN + 0.09 * (1 - age / config.active_window_s)
+        confidence = active_confidence(now - last_input, config.active_window_s)
         began = memory.pending[0] if memory.pending else last_input
         return "active", confidence, began, last_input + config.active_window_s
 
-    recheck = _pending_recheck(memory.pending, config, now)
+    recheck = pending_recheck(
+        memory.pending, now, confirm_events=config.confirm_events, window_s=config.confirm_window_s
+    )
+    presence_at = presence_time(reading, now)
+    input_recent = _within(last_input, now, config.presence_window_s)
 
-    if memory.contact_since is not None:
-        held_until = memory.contact_since + config.carry_hold_s
+    contact_since = memory.contact_since
+    if contact_since is not None:
+        held_until = contact_since + config.carry_hold_s
         if now >= held_until:
-            strong = reading.skin_contact is True
-            confidence = _CONFIDENCE_SKIN_CONTACT if strong else _CONFIDENCE_SKIN_BAND
-            return "carried", confidence, memory.contact_since, recheck
+            agreeing = input_recent or _within(presence_at, now, config.presence_window_s)
+            return _carried(reading, config, memory, contact_since, recheck, agreeing=agreeing)
         recheck = _earliest(recheck, held_until)
 
-    presence_at = _presence_time(reading, now)
     if presence_at is not None and now - presence_at <= config.presence_window_s:
+        confidence = present_confidence(
+            now - presence_at, config.presence_window_s, input_agrees=input_recent
+        )
         presence_ends = presence_at + config.presence_window_s
-        return "present", _CONFIDENCE_PRESENT, presence_at, _earliest(recheck, presence_ends)
+        return "present", confidence, presence_at, _earliest(recheck, presence_ends)
 
     state, confidence, began, quiet_recheck = _quiet_state(
-        config, now, memory, presence_at, input_since, has_input=last_input is not None
+        config,
+        now,
+        memory,
+        presence_at,
+        has_input=_input_sensed(reading, input_since),
+        has_presence=presence_sensed(reading),
+        input_since=input_since,
     )
     if memory.pending:
         confidence = min(confidence, _CONFIDENCE_PENDING)
     return state, confidence, began, _earliest(recheck, quiet_recheck)
+
+
+def _carried(
+    reading: Reading,
+    config: FusionConfig,
+    memory: _Memory,
+    since: float,
+    recheck: float | None,
+    *,
+    agreeing: bool,
+) -> tuple[StateName, float, float, float | None]:
+    """Return ``carried`` as :func:`_decide` does; while contact is lost, recheck when it ends."""
+    lost_since = memory.contact_lost_since
+    confidence = carried_confidence(
+        reading, config.skin_band, releasing=lost_since is not None, agreeing=agreeing
+    )
+    if lost_since is not None:
+        recheck = _earliest(recheck, lost_since + config.carry_release_s)
+    return "carried", confidence, since, recheck
 
 
 def _quiet_state(
@@ -262,21 +357,21 @@ def _quiet_state(
     now: float,
     memory: _Memory,
     presence_at: float | None,
-    input_since: float | None,
     *,
     has_input: bool,
+    has_presence: bool,
+    input_since: float | None,
 ) -> tuple[StateName, float, float, float | None]:
     """Return ``idle`` or ``away`` from the last sign of use, as :func:`_decide` does."""
-    has_input_sensor = has_input or input_since is not None
     last_sign = _latest((memory.counted_input, presence_at))
-    if last_sign is None and has_input_sensor:
-        # Watched since then and saw no input that counted.
+    if last_sign is None and (has_input or has_presence):
+        # Watched since then and saw no sign of use that counted.
         last_sign = input_since if input_since is not None else memory.started
 
     if last_sign is None:
-        return "idle", _CONFIDENCE_NO_SENSOR, now, None
+        return "idle", quiet_confidence(has_input=False, has_presence=False), now, None
 
-    confidence = _CONFIDENCE_QUIET if has_input_sensor else _CONFIDENCE_PRESENCE_ONLY
+    confidence = quiet_confidence(has_input=has_input, has_presence=has_presence)
     away_at = last_sign + config.away_after_s
     if now > away_at:
         return "away", confidence, away_at, None
@@ -287,67 +382,34 @@ def _quiet_state(
     return "idle", confidence, idle_at if idle_at is not None else now, away_at
 
 
-def _pending_inputs(
-    last_input: float | None, config: FusionConfig, seen: tuple[float, ...], now: float
-) -> tuple[float, ...]:
-    """Return the distinct input times that may still confirm ``active`` together."""
-    # NOTE: a burst of inputs between two fusions shows as one input time, so
-    # confirmation relies on the agent fusing again at recheck_at.
-    if last_input is not None and now - last_input <= config.active_window_s:
-        if last_input not in seen:
-            seen = (*seen, last_input)
-    if not seen:
-        return ()
-
-    # Once the window after the newest input has passed with no further input,
-    # nothing seen later can join the group: the inputs were strays.
-    newest = max(seen)
-    if now - newest >= config.confirm_window_s:
-        return ()
-    return tuple(t for t in seen if newest - t <= config.confirm_window_s)
+def _proximity(
+    state: StateName, reading: Reading, memory: _Memory, config: FusionConfig, now: float
+) -> float:
+    """Return how close the user is, from counted input, trusted presence and carrying."""
+    input_at = reading.last_input if state == "active" else memory.counted_input
+    presence_at = presence_time(reading, now)
+    return proximity(
+        None if input_at is None else now - input_at,
+        None if presence_at is None else now - presence_at,
+        carried=state == "carried",
+        active_window_s=config.active_window_s,
+        presence_window_s=config.presence_window_s,
+        away_after_s=config.away_after_s,
+    )
 
 
-def _pending_recheck(pending: tuple[float, ...], config: FusionConfig, now: float) -> float | None:
-    """Return when to look for the next input of a pending group, or ``None`` without one.
-
-    The checks are spread so that ``confirm_events`` inputs can be seen within
-    the confirm window, and the last one is the moment the group expires.
-    """
-    if not pending:
+def _position(zone: str | None, proximity: float | None) -> Position | None:
+    if zone is None and proximity is None:
         return None
-    step = config.confirm_window_s / max(config.confirm_events - 1, 1)
-    return min(now + step, max(pending) + config.confirm_window_s)
+    return Position(zone=zone, proximity=proximity)
 
 
-def _contact_since(
-    reading: Reading, config: FusionConfig, since: float | None, now: float
-) -> float | None:
-    """Return when the current spell of skin contact began, or ``None`` without contact."""
-    if not _skin_contact(reading, config):
-        return None
-    return since if since is not None else now
+def _within(moment: float | None, now: float, window_s: float) -> bool:
+    return moment is not None and now - moment <= window_s
 
 
-def _skin_contact(reading: Reading, config: FusionConfig) -> bool:
-    if reading.skin_contact is not None:
-        return reading.skin_contact
-
-    temperature = reading.temperature_c
-    if temperature is None:
-        return False
-    if not config.skin_min_c <= temperature <= config.skin_max_c:
-        return False
-    ambient = reading.ambient_c
-    return ambient is None or temperature - ambient >= config.skin_above_ambient_c
-
-
-def _presence_time(reading: Reading, now: float) -> float | None:
-    """Return the latest trusted presence time; a current detection means ``now``."""
-    if reading.presence_suspect:
-        return None
-    if reading.presence:
-        return now
-    return reading.last_presence
+def _input_sensed(reading: Reading, input_since: float | None) -> bool:
+    return reading.last_input is not None or input_since is not None
 
 
 def _since(state: StateName, began: float, previous: Fused | None, now: float) -> float:
@@ -357,33 +419,6 @@ def _since(state: StateName, began: float, previous: Fused | None, now: float) -
     if previous.state == state:
         return previous.since
     return min(max(began, previous.since), now)
-
-
-def _evidence(reading: Reading, now: float) -> Evidence:
-    presence_known = not reading.presence_suspect
-    return Evidence(
-        input_idle_s=_age(reading.last_input, now),
-        presence=reading.presence if presence_known else None,
-        presence_age_s=_age(reading.last_presence, now) if presence_known else None,
-        skin_contact=reading.skin_contact,
-        temperature_c=(
-            round(reading.temperature_c, 1) if reading.temperature_c is not None else None
-        ),
-    )
-
-
-def _power(reading: Reading) -> Power | None:
-    if reading.on_battery is None and reading.battery_percent is None and reading.plugged is None:
-        return None
-    percent = reading.battery_percent
-    if percent is not None:
-        percent = round(min(max(percent, 0.0), 100.0), 1)
-    return Power(on_battery=reading.on_battery, battery_percent=percent, plugged=reading.plugged)
-
-
-def _age(moment: float | None, now: float) -> float | None:
-    # A reading stamped a moment after `now` was taken is not from the future.
-    return None if moment is None else round(max(now - moment, 0.0), 1)
 
 
 def _latest(values: Iterable[float | None]) -> float | None:

@@ -157,7 +157,12 @@ class Agent:
                 if not sys.platform.startswith("linux"):
                     reading = discount_suspend(reading, now, slept)
             self._fused = fuse(
-                reading, self.config.fusion, previous, now, input_since=self._host.input_since
+                reading,
+                self.config.fusion,
+                previous,
+                now,
+                input_since=self._host.input_since,
+                zone=self.config.zone,
             )
             probes = self._take_probes()
 
@@ -191,6 +196,7 @@ class Agent:
             confidence=fused.confidence,
             evidence=fused.evidence,
             power=fused.power,
+            position=fused.position,
             probe=probe,
             session=self._link.session,
         )

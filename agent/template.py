@@ -24,6 +24,16 @@ url = "{broker}"              # mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS
 # away_after_s = 600         # no input or presence for longer: away
 # heartbeat_s = 60           # republish the state this often even when unchanged
 
+# skin_min_c = 30.0         # a surface this warm or warmer (up to skin_max_c) may be a hand
+# skin_max_c = 37.0
+# carry_hold_s = 30         # skin contact held this long: carried
+# carry_release_s = 15      # contact lost this long: no longer carried
+# skin_release_margin_c = 0.5   # hysteresis at the band's edges, in degrees Celsius
+# presence_window_s = 300   # a presence sensor saw someone this recently: present
+
+[position]
+# zone = "study"            # where this terminal is; policies and explain show it
+
 [receiver]
 # notify = true              # show pushes as desktop notifications
 # on_mail = ["/usr/local/bin/blink-led", "--times", "3"]   # run per mail, no shell

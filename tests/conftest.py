@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.xvfb",
     "tests.fixtures.dovecot",
     "tests.fixtures.smbus",
+    "tests.fixtures.gpio",
 ]

@@ -193,3 +193,22 @@ def test_disabled_temperature_needs_nothing():
     config = build({"user": "a", "terminal": "b"})
 
     assert config.sensors["temperature"].enabled is False
+
+
+def test_zone_from_position_table():
+    config = build({"user": "a", "terminal": "b", "position": {"zone": "study"}})
+
+    assert config.zone == "study"
+
+
+def test_zone_from_pir_options():
+    config = build({"user": "a", "terminal": "b", "sensors": {"pir": {"pin": 17, "zone": "hall"}}})
+
+    assert config.zone == "hall"
+
+
+def test_zone_invalid():
+    with pytest.raises(ConfigError) as caught:
+        build({"user": "a", "terminal": "b", "position": {"zone": ""}})
+
+    assert str(caught.value).startswith("position.zone: invalid value ''")
