@@ -13,7 +13,7 @@ from typing import Any
 import click
 import msgspec
 
-from mailpush import __version__
+from mailpush import __version__, command
 from mailpush.agent import template
 from mailpush.agent.config import (
     AgentConfig,
@@ -23,7 +23,7 @@ from mailpush.agent.config import (
     load_config,
 )
 from mailpush.agent.inbox import Inbox
-from mailpush.agent.oneshot import publish_once
+from mailpush.agent.oneshot import BrokerSession
 from mailpush.agent.runner import Agent, inbox_path, status_path
 from mailpush.errors import BrokerError, MailpushError
 from mailpush.protocol.ids import validate_id
@@ -334,7 +334,8 @@ def inbox_read(ctx: click.Context, mail_id: str, unread: bool) -> None:
     status = MailStatus(mail=mail_id, seen=seen, by=settings.terminal, ts=round(time.time(), 3))
     topic = Topics(settings.broker.topic_root).mailstatus(settings.user)
     try:
-        publish_once(settings, topic, encode(status))
+        with BrokerSession(settings, "inbox") as session:
+            session.publish(topic, encode(status))
     except BrokerError as exc:
         raise BrokerError(f"marked {'read' if seen else 'unread'} here only: {exc}") from None
     click.echo(f"{mail_id} marked {'read' if seen else 'unread'}")
@@ -436,18 +437,7 @@ def _alive(pid: object) -> bool:
 
 def main() -> None:
     """Run the CLI; expected errors become one line on stderr and an exit code."""
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except MailpushError as exc:
-        click.echo(f"mailpush-agent: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+    command.run(cli, "mailpush-agent")
 
 
 from mailpush.agent.policy_cli import policy  # noqa: E402  (policy_cli imports this module)

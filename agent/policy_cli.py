@@ -17,6 +17,7 @@ import msgspec
 
 from mailpush.agent.cli import _context, common_options
 from mailpush.agent.config import AgentConfig
+from mailpush.agent.oneshot import BrokerSession
 from mailpush.agent.policy_file import (
     parse_policy_text,
     policy_path,
@@ -26,7 +27,6 @@ from mailpush.agent.policy_file import (
     save_policy_text,
 )
 from mailpush.agent.policy_inputs import (
-    BrokerSession,
     describe_view,
     mail_traits_from_eml,
     terminal_views,
@@ -78,7 +78,7 @@ def policy() -> None:
 def policy_show(ctx: click.Context, as_json: bool, wait_s: float) -> None:
     """Print the policy retained on the broker for the service: rules, fallback, who set it and when."""
     config = _context(ctx).load()
-    with BrokerSession(config) as session:
+    with BrokerSession(config, "policy") as session:
         current = _fetch_policy(session, config, wait_s)
 
     if as_json:
@@ -153,7 +153,7 @@ def policy_set(ctx: click.Context, file: Path | None, **presets: Any) -> None:
         text = render_policy(built)
         new = parse_policy_text(text, flag, config.terminal, time.time())
 
-    with BrokerSession(config) as session:
+    with BrokerSession(config, "policy") as session:
         _publish(session, config, new, text)
 
 
@@ -164,7 +164,7 @@ def policy_edit(ctx: click.Context) -> None:
     """Edit the policy in $EDITOR (or $VISUAL, else vi), check it, and publish it."""
     config = _context(ctx).load()
     local = policy_path(config)
-    with BrokerSession(config) as session:
+    with BrokerSession(config, "policy") as session:
         current = _fetch_policy(session, config, POLICY_WAIT_S)
         initial = _initial_edit_text(local, current)
         editor = os.environ.get("EDITOR") or os.environ.get("VISUAL") or "vi"
@@ -228,7 +228,7 @@ def policy_explain(ctx: click.Context, **options: Any) -> None:
     mail = _mail_from_options(options)
     topics = Topics(config.broker.topic_root)
     base = f"{topics.root}/{config.user}/terminals/+"
-    with BrokerSession(config) as session:
+    with BrokerSession(config, "policy") as session:
         retained = session.collect(
             [f"{base}/state", f"{base}/attributes", topics.policy(config.user)],
             options["wait_s"],
@@ -297,7 +297,7 @@ def _decode_policy(payload: bytes | None) -> Policy | None:
 
 def _publish(session: BrokerSession, config: AgentConfig, new: Policy, text: str) -> None:
     topic = Topics(config.broker.topic_root).policy(config.user)
-    session.publish_retained(topic, encode(new))
+    session.publish(topic, encode(new), retain=True)
     local = policy_path(config)
     save_policy_text(local, text)
     click.echo(

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from mailpush import __version__
+from mailpush import __version__, command
 from mailpush.errors import ConfigError, MailpushError
 from mailpush.protocol.ids import is_valid_id
 from mailpush.server.config import (
@@ -281,15 +281,9 @@ def _host_terminal_id() -> str:
 
 def main() -> None:
     """Run the CLI; expected errors become one line on stderr and an exit code."""
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except MailpushError as exc:
-        click.echo(f"mailpush-server: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+    command.run(cli, "mailpush-server")
+
+
+from mailpush.server.accounts import accounts  # noqa: E402
+
+cli.add_command(accounts)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from mailpush.protocol.messages import DeviceAttributes, UsageState
 from mailpush.protocol.policy import TerminalView
+from mailpush.protocol.views import terminal_view
 
 
 @dataclass(slots=True)
@@ -67,7 +68,9 @@ class Registry:
         now = self._clock()
         views = []
         for terminal, record in sorted(self.terminals(user).items()):
-            views.append(_view(terminal, record, now, stale_after_s))
+            views.append(
+                terminal_view(terminal, record.state, record.attributes, now, stale_after_s)
+            )
         return views
 
     def wait_for_states(
@@ -120,37 +123,3 @@ def _newer(record: TerminalRecord | None, held_ts: float | None) -> bool:
     if record is None or record.state is None:
         return False
     return held_ts is None or record.state.ts > held_ts
-
-
-def _view(terminal: str, record: TerminalRecord, now: float, stale_after_s: float) -> TerminalView:
-    state = record.state
-    attributes = record.attributes
-    known = state is not None and (state.state == "off" or now - state.ts <= stale_after_s)
-
-    capabilities: frozenset[str] = frozenset()
-    kind = None
-    if attributes is not None:
-        capabilities = frozenset(attributes.capabilities)
-        kind = attributes.kind
-
-    position = state.position if state is not None else None
-    evidence = state.evidence if state is not None else None
-    return TerminalView(
-        terminal=terminal,
-        state=state.state if known and state is not None else None,
-        kind=kind,
-        capabilities=capabilities,
-        proximity=position.proximity if position is not None else None,
-        zone=position.zone if position is not None else None,
-        input_idle_s=_idle_now(evidence.input_idle_s, state.ts, now)
-        if evidence is not None and state is not None and known
-        else None,
-        ts=state.ts if state is not None else None,
-    )
-
-
-def _idle_now(idle_at_ts: float | None, ts: float, now: float) -> float | None:
-    # The evidence was sensed at ts; the terminal has been idle since then too.
-    if idle_at_ts is None:
-        return None
-    return idle_at_ts + max(0.0, now - ts)

@@ -13,19 +13,17 @@ and whenever the server reports a flag change during IDLE (an untagged FETCH,
 RFC 3501 section 7.4.2).
 """
 
-import ipaddress
 import logging
-import random
 import select
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from imapclient import IMAPClient
-from imapclient.exceptions import CapabilityError, IMAPClientAbortError, IMAPClientError, LoginError
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
-from mailpush.errors import AuthenticationError, ConfigError, MailpushError
+from mailpush.errors import MailpushError
 from mailpush.server.mailbox.base import (
     FlagCallback,
     MailCallback,
@@ -33,13 +31,18 @@ from mailpush.server.mailbox.base import (
     RetryLater,
     SeenTracker,
 )
+from mailpush.server.mailbox.imap_connection import (
+    Backoff,
+    ImapConfig,
+    close,
+    connect,
+    describe_error,
+)
 from mailpush.server.mailbox.state import ImapPosition, StateStore
 
-log = logging.getLogger(__name__)
+__all__ = ["ImapConfig", "ImapWatcher"]
 
-# RFC 2177 section 3: a server may log off a client that idles for 30 minutes,
-# so a client should re-issue IDLE at least every 29 minutes.
-MAX_IDLE_RENEW_S = 29 * 60
+log = logging.getLogger(__name__)
 
 # How often a wait inside IDLE checks the stop event.
 STOP_CHECK_S = 0.5
@@ -52,101 +55,10 @@ FLAGS_WINDOW = 500
 SEEN = b"\\Seen"
 
 
-@dataclass(frozen=True)
-class ImapConfig:
-    """How to reach and watch one IMAP folder.
-
-    Attributes:
-        host: The IMAP server's name or address.
-        username: The login name.
-        password: The password, already resolved by the caller; never logged.
-        port: The TCP port; defaults to 993 with ``tls``, else 143.
-        tls: Use implicit TLS (IMAPS), checking the certificate.
-        starttls: Upgrade a plain connection with STARTTLS; excludes ``tls``.
-        ca_file: A PEM file of CA certificates to trust instead of the system's.
-        folder: The folder to watch.
-        idle_renew_s: Seconds after which IDLE is ended and issued again.
-        noop_every_s: Seconds of silence during IDLE after which a NOOP checks the connection.
-        poll_s: Seconds between two checks on a server without IDLE.
-        flags_sync_s: Seconds between two read-state checks of the handled
-            mail, besides those the server's flag change reports start.
-        timeout_s: Socket timeout in seconds for connecting and for every response.
-        reconnect_min_s: First delay in seconds before reconnecting.
-        reconnect_max_s: Maximum delay in seconds between reconnection attempts.
-        retry_s: Seconds to wait after ``on_mail`` raised before offering the mail again.
-    """
-
-    host: str
-    username: str
-    password: str = field(repr=False)
-    port: int | None = None
-    tls: bool = True
-    starttls: bool = False
-    ca_file: str | None = None
-    folder: str = "INBOX"
-    idle_renew_s: float = 600.0
-    noop_every_s: float = 120.0
-    poll_s: float = 30.0
-    flags_sync_s: float = 60.0
-    timeout_s: float = 30.0
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 300.0
-    retry_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        if not self.host or not self.username:
-            msg = "imap: host and username are required; set both in the IMAP account config"
-            raise ConfigError(msg)
-        if self.tls and self.starttls:
-            msg = "imap: tls and starttls are both set; use tls for port 993 or starttls for 143"
-            raise ConfigError(msg)
-        if self.port is not None and not 0 < self.port < 65536:
-            msg = f"imap: port {self.port} is invalid; set a port between 1 and 65535"
-            raise ConfigError(msg)
-        if not 0 < self.idle_renew_s <= MAX_IDLE_RENEW_S:
-            msg = (
-                f"imap: idle_renew_s = {self.idle_renew_s} is invalid; set 1 to {MAX_IDLE_RENEW_S}"
-                " s, because servers may drop an IDLE older than 30 minutes (RFC 2177)"
-            )
-            raise ConfigError(msg)
-        positive = ("noop_every_s", "poll_s", "flags_sync_s", "timeout_s", "reconnect_min_s")
-        for name in (*positive, "retry_s"):
-            if getattr(self, name) <= 0:
-                msg = f"imap: {name} = {getattr(self, name)} is invalid; set a positive number"
-                raise ConfigError(msg)
-        if self.reconnect_max_s < self.reconnect_min_s:
-            msg = "imap: reconnect_max_s is below reconnect_min_s; raise reconnect_max_s"
-            raise ConfigError(msg)
-
-    @property
-    def effective_port(self) -> int:
-        """Return the configured port, or the standard one for the chosen transport."""
-        if self.port is not None:
-            return self.port
-        return 993 if self.tls else 143
-
-
 @dataclass
 class _Cursor:
     uidvalidity: int
     last_uid: int
-
-
-class _Backoff:
-    """Capped exponential backoff with jitter: each delay is drawn from [d/2, d]."""
-
-    def __init__(self, first_s: float, max_s: float) -> None:
-        self.first_s = first_s
-        self.max_s = max_s
-        self.failures = 0
-
-    def next_delay(self) -> float:
-        delay = min(self.max_s, self.first_s * 2**self.failures)
-        self.failures += 1
-        return random.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class ImapWatcher:
@@ -176,7 +88,7 @@ class ImapWatcher:
             AuthenticationError: The server rejected the login; no retry.
             ConfigError: The server lacks STARTTLS although ``starttls`` is set.
         """
-        backoff = _Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
+        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
         # Kept across reconnects, so a change made while disconnected is reported.
         tracker = SeenTracker(on_flags, "imap")
         while not stop.is_set():
@@ -200,7 +112,7 @@ class ImapWatcher:
                 log.info(
                     "imap: connection to %s failed (%s); reconnecting in %.1f s",
                     self.where,
-                    _describe(exc),
+                    describe_error(exc),
                     delay,
                 )
                 stop.wait(delay)
@@ -208,7 +120,7 @@ class ImapWatcher:
                 # The server returned NO or BAD, such as for a folder that does not exist.
                 delay = backoff.next_delay()
                 log.warning(
-                    "imap: %s: %s; reconnecting in %.1f s", self.where, _describe(exc), delay
+                    "imap: %s: %s; reconnecting in %.1f s", self.where, describe_error(exc), delay
                 )
                 stop.wait(delay)
             except Exception:
@@ -242,7 +154,7 @@ class ImapWatcher:
                 "imap: setting the read state of mail %s in %s failed (%s)",
                 mail_id,
                 self.where,
-                _describe(exc),
+                describe_error(exc),
             )
         return False
 
@@ -271,7 +183,7 @@ class ImapWatcher:
             graceful = True
             return done
         finally:
-            _close(client, graceful)
+            close(client, graceful)
 
     def _store_flag(self, client: IMAPClient, mail_id: str, uid: int, seen: bool) -> bool:
         if seen:
@@ -297,7 +209,7 @@ class ImapWatcher:
         self,
         on_mail: MailCallback,
         stop: threading.Event,
-        backoff: _Backoff,
+        backoff: Backoff,
         tracker: SeenTracker,
     ) -> None:
         """Connect, catch up and watch until ``stop`` is set or the connection fails."""
@@ -333,54 +245,14 @@ class ImapWatcher:
                         next_flags_sync = time.monotonic()
             graceful = True
         finally:
-            _close(client, graceful)
+            close(client, graceful)
 
     def _connect(self) -> IMAPClient:
-        config = self.config
-        context = None
-        if config.tls or config.starttls:
-            context = ssl.create_default_context(cafile=config.ca_file)
-        elif not self._warned_plaintext and not _is_loopback(config.host):
-            log.warning(
-                "imap: the password for %s travels unencrypted; set tls or starttls", self.where
-            )
-            self._warned_plaintext = True
-
-        client = IMAPClient(
-            config.host,
-            config.effective_port,
-            ssl=config.tls,
-            ssl_context=context,
-            timeout=config.timeout_s,
-        )
-        try:
-            if config.starttls:
-                self._starttls(client, context)
-            self._login(client)
-        except BaseException:
-            _close(client, graceful=False)
-            raise
-        return client
-
-    def _starttls(self, client: IMAPClient, context: ssl.SSLContext | None) -> None:
-        try:
-            client.starttls(context)
-        except CapabilityError:
-            msg = (
-                f"imap: {self.config.host} does not offer STARTTLS; "
-                "set tls = true (port 993) or ask the server's administrator"
-            )
-            raise ConfigError(msg) from None
-
-    def _login(self, client: IMAPClient) -> None:
-        try:
-            client.login(self.config.username, self.config.password)
-        except LoginError as exc:
-            msg = (
-                f"imap: {self.where} rejected the login ({_describe(exc)}); "
-                "check the username and password"
-            )
-            raise AuthenticationError(msg) from None
+        # Only the first connect of a watcher may log the plaintext warning,
+        # so a watcher that reconnects logs it once.
+        warn_plaintext = not self._warned_plaintext
+        self._warned_plaintext = True
+        return connect(self.config, self.where, warn_plaintext=warn_plaintext)
 
     def _select(self, client: IMAPClient) -> _Cursor:
         """Select the folder read-only and return where to resume."""
@@ -562,31 +434,3 @@ def _is_flag_change(response: tuple) -> bool:
     # An untagged "* N FETCH (FLAGS (...))". N is a sequence number, not a UID,
     # so the response only shows that some flag changed.
     return len(response) >= 2 and response[1] == b"FETCH"
-
-
-def _close(client: IMAPClient, graceful: bool) -> None:
-    try:
-        if graceful:
-            client.logout()
-            return
-    except (OSError, IMAPClientError):
-        pass
-    try:
-        client.shutdown()
-    except OSError:
-        pass
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _describe(exc: BaseException) -> str:
-    """Return an exception's text on one line, or its type name if the text is empty."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
