@@ -240,4 +240,9 @@ def _prepare(conn: sqlite3.Connection) -> None:
         msg = f"schema version {version} is newer than this mailpush ({_SCHEMA_VERSION})"
         raise sqlite3.DatabaseError(msg)
 
-    conn.executescript("BEGIN;" + _SCHEMA + f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;")
+    # IMMEDIATE takes the write lock at once: in WAL mode a deferred BEGIN that
+    # turns into a write fails at once with "database is locked" while another
+    # connection writes, instead of waiting out the busy timeout.
+    conn.executescript(
+        "BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
+    )

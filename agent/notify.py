@@ -15,6 +15,12 @@ A systemd user service gets no ``DBUS_SESSION_BUS_ADDRESS`` unless the
 desktop session exports it, but the bus socket usually exists at
 ``$XDG_RUNTIME_DIR/bus`` (``/run/user/UID/bus``). :func:`ensure_session_bus`
 sets the variable from that socket, because dbus-fast only reads the variable.
+
+With an ``on_mark_read`` callback, a ``mail`` notification carries a "Mark
+read" button where the platform supports buttons. On Linux that is a server
+whose ``GetCapabilities`` lists ``actions`` (freedesktop notification spec).
+desktop-notifier 6.2 sends buttons to servers without it too, so the
+notifier checks the capability itself.
 """
 
 from __future__ import annotations
@@ -23,18 +29,28 @@ import asyncio
 import html
 import logging
 import os
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from pathlib import Path
 from typing import Any, Literal
 
-from mailpush.errors import ConfigError
+from mailpush.agent.on_mail import on_mail_environment, run_on_mail, validate_on_mail
 from mailpush.protocol.messages import Push
+
+# Re-exported: callers and tests have imported these from this module.
+__all__ = [
+    "Notifier",
+    "ensure_session_bus",
+    "find_session_bus",
+    "format_notification",
+    "on_mail_environment",
+    "run_on_mail",
+    "validate_on_mail",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +60,10 @@ THREAD_NAME = "mailpush-notify"
 DEFAULT_SEND_TIMEOUT_S = 5.0
 DEFAULT_RETRY_AFTER_S = 300.0
 DEFAULT_ON_MAIL_TIMEOUT_S = 30.0
+MARK_READ_TITLE = "Mark read"
+# The action key sent to the notification server. It only has to be unique
+# within one notification.
+MARK_READ_ACTION = "mark-read"
 
 
 def find_session_bus(environ: Mapping[str, str] | None = None) -> str | None:
@@ -115,6 +135,10 @@ class Notifier:
         send_timeout_s: seconds :meth:`show` waits for the notification service.
         retry_after_s: seconds before an unreachable service is tried again.
         desktop: whether to try desktop notifications at all.
+        on_mark_read: called with the mail id when the user presses the "Mark
+            read" button of a ``mail`` notification. It runs on the notifier's
+            event loop thread, so it should return quickly; an exception from
+            it is logged and dropped. None shows no button.
 
     Raises:
         ConfigError: ``on_mail`` is not a non-empty list of strings.
@@ -128,9 +152,11 @@ class Notifier:
         send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S,
         retry_after_s: float = DEFAULT_RETRY_AFTER_S,
         desktop: bool = True,
+        on_mark_read: Callable[[str], None] | None = None,
     ) -> None:
         self.app_name = app_name
         self.on_mail = validate_on_mail(on_mail)
+        self.on_mark_read = on_mark_read
         self.on_mail_timeout_s = on_mail_timeout_s
         self.send_timeout_s = send_timeout_s
         self.retry_after_s = retry_after_s
@@ -190,7 +216,8 @@ class Notifier:
             self._start_on_mail(self.on_mail, push)
 
         title, body = content
-        if self._desktop_available() and self._send_desktop(title, body):
+        mark_read_id = push.mail.id if push.kind == "mail" and self.on_mark_read else None
+        if self._desktop_available() and self._send_desktop(title, body, mark_read_id):
             return "desktop"
 
         self._log_push(push)
@@ -204,7 +231,7 @@ class Notifier:
             return True
         return time.monotonic() >= self._next_probe
 
-    def _send_desktop(self, title: str, body: str) -> bool:
+    def _send_desktop(self, title: str, body: str, mark_read_id: str | None) -> bool:
         """Send one notification through the notifier thread; return whether it was dispatched."""
         on_linux = sys.platform.startswith("linux")
         if on_linux and ensure_session_bus() is None and not os.environ.get("DISPLAY"):
@@ -216,7 +243,7 @@ class Notifier:
 
         try:
             loop = self._ensure_loop()
-            future = asyncio.run_coroutine_threadsafe(self._send(title, body), loop)
+            future = asyncio.run_coroutine_threadsafe(self._send(title, body, mark_read_id), loop)
             future.result(self.send_timeout_s)
         except FutureTimeoutError:
             future.cancel()
@@ -231,20 +258,50 @@ class Notifier:
             self._unavailable_reason = None
         return True
 
-    async def _send(self, title: str, body: str) -> None:
-        """Probe the notification service, then send; raise when it was not dispatched."""
+    async def _send(self, title: str, body: str, mark_read_id: str | None) -> None:
+        """Probe the notification service, then send; raise when it was not dispatched.
+
+        A "Mark read" button is added for ``mark_read_id`` when the service supports buttons.
+        """
         if self._notifier is None:
             self._notifier = _new_desktop_notifier(self.app_name)
 
         # The probe raises when the bus or the service is missing; send() alone
         # would only log a warning with a traceback and return.
-        await self._notifier.get_capabilities()
+        capabilities = await self._notifier.get_capabilities()
+
+        # NOTE: desktop-notifier 6.2 caches the capabilities per instance, so a
+        # server replaced by one with other capabilities is seen only after a failed send.
+        buttons = []
+        if mark_read_id is not None and _supports_buttons(capabilities):
+            buttons.append(self._mark_read_button(mark_read_id))
 
         dispatched = asyncio.Event()
-        await self._notifier.send(title=title, message=body, on_dispatched=dispatched.set)
+        await self._notifier.send(
+            title=title, message=body, buttons=buttons, on_dispatched=dispatched.set
+        )
         if not dispatched.is_set():
             msg = "the notification service did not accept the notification"
             raise RuntimeError(msg)
+
+    def _mark_read_button(self, mail_id: str) -> Any:
+        """Return a desktop-notifier Button that calls ``on_mark_read`` for ``mail_id``."""
+        from desktop_notifier import Button
+
+        return Button(
+            title=MARK_READ_TITLE,
+            identifier=MARK_READ_ACTION,
+            on_pressed=lambda: self._on_mark_read_pressed(mail_id),
+        )
+
+    def _on_mark_read_pressed(self, mail_id: str) -> None:
+        """Call ``on_mark_read`` and log its exception in one line, not dbus-fast's traceback."""
+        if self.on_mark_read is None:
+            return
+        try:
+            self.on_mark_read(mail_id)
+        except Exception as exc:  # the callback may fail in any way (inbox, link)
+            logger.warning("notify: marking mail %s read failed: %s", mail_id, _describe(exc))
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         """Start the notifier thread with its own event loop, once."""
@@ -301,6 +358,13 @@ def _new_desktop_notifier(app_name: str) -> Any:
     return DesktopNotifier(app_name=app_name)
 
 
+def _supports_buttons(capabilities: frozenset[Any]) -> bool:
+    """Return whether desktop-notifier reports buttons, which on Linux means ``actions``."""
+    from desktop_notifier import Capability
+
+    return Capability.BUTTONS in capabilities
+
+
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
     """Run the notifier's event loop until close() stops it."""
     asyncio.set_event_loop(loop)
@@ -319,66 +383,3 @@ def _describe(exc: BaseException) -> str:
     """Return a one-line reason for a failed notification."""
     detail = str(exc).replace("\n", " ").strip()
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-
-
-def validate_on_mail(command: object) -> list[str] | None:
-    """Return the ``on_mail`` command as a list, or raise :class:`ConfigError` in one line."""
-    if command is None:
-        return None
-    if isinstance(command, list) and command and all(_valid_argument(part) for part in command):
-        return [str(part) for part in command]
-
-    msg = (
-        f"agent.on_mail: invalid command {command!r}; give a list of non-empty strings, "
-        'program first, such as ["notify-send", "New mail"] (no shell is used)'
-    )
-    raise ConfigError(msg)
-
-
-def _valid_argument(part: object) -> bool:
-    return isinstance(part, str) and part != "" and "\0" not in part
-
-
-def on_mail_environment(push: Push, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Return the environment of an ``on_mail`` command: ``base`` plus the mail's fields."""
-    env = dict(os.environ if base is None else base)
-    fields = {
-        "MAILPUSH_FROM": push.mail.sender,
-        "MAILPUSH_SUBJECT": push.mail.subject,
-        "MAILPUSH_MAIL_ID": push.mail.id,
-        "MAILPUSH_PUSH_ID": push.id,
-        "MAILPUSH_KIND": push.kind,
-    }
-    # A NUL cannot be passed in an environment variable, so it is dropped.
-    env.update({name: value.replace("\0", "") for name, value in fields.items()})
-    return env
-
-
-def run_on_mail(command: list[str], push: Push, timeout_s: float) -> None:
-    """Run the ``on_mail`` command for one push and log a failure to start or finish in one line."""
-    try:
-        completed = subprocess.run(
-            command,
-            env=on_mail_environment(push),
-            stdin=subprocess.DEVNULL,
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        logger.warning(
-            "on_mail: %s killed after %g s (push %s); make it finish sooner",
-            command[0],
-            timeout_s,
-            push.id,
-        )
-        return
-    except OSError as exc:
-        logger.warning(
-            "on_mail: cannot run %s: %s; fix agent.on_mail", command[0], exc.strerror or exc
-        )
-        return
-
-    if completed.returncode != 0:
-        logger.warning(
-            "on_mail: %s exited with status %d (push %s)", command[0], completed.returncode, push.id
-        )

@@ -31,6 +31,7 @@ from mailpush.protocol.messages import (
     AgentInfo,
     DeviceAttributes,
     Display,
+    MailStatus,
     Probe,
     UsageState,
     decode,
@@ -109,7 +110,9 @@ class Agent:
         user, terminal = self.config.user, self.config.terminal
         inbox = Inbox(inbox_path(self.data_dir, user, terminal))
         notifier = Notifier(
-            on_mail=self.config.receiver.on_mail, desktop=self.config.receiver.notify
+            on_mail=self.config.receiver.on_mail,
+            desktop=self.config.receiver.notify,
+            on_mark_read=lambda mail_id: self._mark_read(inbox, mail_id),
         )
         ack_topic = self.topics.ack(user, terminal)
         receiver = Receiver(inbox, notifier, lambda payload: self._link.publish(ack_topic, payload))
@@ -133,6 +136,26 @@ class Agent:
 
         if self._link.fatal_error is not None:
             raise self._link.fatal_error
+
+    def _mark_read(self, inbox: Inbox, mail_id: str) -> None:
+        """Mark a mail read from its notification's button, here and through the service.
+
+        Like ``mailpush-agent inbox read``, it publishes a MailStatus, so the
+        service marks the mail seen in the mailbox and tells the other terminals.
+        Runs on the notifier's thread. Offline, the link queues the
+        MailStatus until the connection is back.
+        """
+        changed = inbox.mark_read(mail_id)
+
+        status = MailStatus(
+            mail=mail_id, seen=True, by=self.config.terminal, ts=round(time.time(), 3)
+        )
+        self._link.publish(self.topics.mailstatus(self.config.user), encode(status))
+        log.info(
+            "mail %s marked read from its notification%s",
+            mail_id,
+            "" if changed else " (already read here)",
+        )
 
     def _loop(self) -> None:
         heartbeat_due = 0.0
@@ -169,7 +192,8 @@ class Agent:
             changed = previous is None or previous.state != self._fused.state
             reconnected, self._reconnected = self._reconnected, False
             if changed or probes or slept or reconnected or now >= heartbeat_due:
-                for probe in probes or [None]:
+                answers: list[str | None] = list(probes) or [None]
+                for probe in answers:
                     self._publish_state(self._fused, now, probe)
                 heartbeat_due = now + self.config.heartbeat_s
 

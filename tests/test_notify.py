@@ -1,30 +1,23 @@
 """Tests of desktop notifications: the log fallback, escaping, on_mail, and a real D-Bus bus.
 
-The D-Bus tests start their own ``dbus-daemon`` (Debian package ``dbus``).
-No notification daemon is installed here, so the tests export a small
-``org.freedesktop.Notifications`` service on that bus with dbus-fast.
-desktop-notifier calls it the same way as a real notification server.
+The D-Bus tests start their own ``dbus-daemon`` and export a fake
+``org.freedesktop.Notifications`` service on it (tests/fixtures/notifications.py).
+desktop-notifier calls it the same way as a real notification server, and the
+fake presses a notification's button by emitting ``ActionInvoked``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
 
 import pytest
-from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusDict, DBusInt32, DBusSignature, DBusStr, DBusUInt32
-from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
 
 from mailpush.agent.notify import (
     THREAD_NAME,
@@ -36,6 +29,9 @@ from mailpush.agent.notify import (
 )
 from mailpush.errors import ConfigError
 from mailpush.protocol.messages import MailSummary, Push
+
+# session_bus, notification_server and action_server come from this module.
+pytest_plugins = ["tests.fixtures.notifications"]
 
 DEADLINE_S = 10.0
 
@@ -244,13 +240,13 @@ def test_on_mail_failures_logged_once(no_session_bus, caplog) -> None:
     assert len(messages) == 2
     assert "exited with status 3 (push push-1)" in messages[0]
     assert "cannot run /nonexistent/mailpush-hook" in messages[1]
-    assert "fix agent.on_mail" in messages[1]
+    assert "fix receiver.on_mail" in messages[1]
     assert all("\n" not in message for message in messages)
 
 
 @pytest.mark.parametrize("command", [[], "notify-send hi", ["ok", 3], [""], ["a\0b"]])
 def test_on_mail_validated(command) -> None:
-    with pytest.raises(ConfigError, match="agent.on_mail: invalid command"):
+    with pytest.raises(ConfigError, match="receiver.on_mail: invalid command"):
         Notifier(on_mail=command)
 
 
@@ -261,115 +257,6 @@ def test_on_mail_environment_drops_nul() -> None:
 
 
 # --- a real session bus -------------------------------------------------------
-
-
-StrArray = Annotated[list[str], DBusSignature("as")]
-ServerInfo = Annotated[list[str], DBusSignature("ssss")]
-ClosedArgs = Annotated[list[int], DBusSignature("uu")]
-ActionArgs = Annotated[list[object], DBusSignature("us")]
-
-
-class NotificationServer(ServiceInterface):
-    """The org.freedesktop.Notifications methods desktop-notifier calls, recording each Notify."""
-
-    def __init__(self) -> None:
-        super().__init__("org.freedesktop.Notifications")
-        self.received: list[dict[str, object]] = []
-
-    # Method names and signatures are fixed by the freedesktop notification spec.
-    @dbus_method()
-    def Notify(  # noqa: N802
-        self,
-        app_name: DBusStr,
-        replaces_id: DBusUInt32,
-        app_icon: DBusStr,
-        summary: DBusStr,
-        body: DBusStr,
-        actions: StrArray,
-        hints: DBusDict,
-        expire_timeout: DBusInt32,
-    ) -> DBusUInt32:
-        self.received.append({"app_name": app_name, "summary": summary, "body": body})
-        return len(self.received)
-
-    @dbus_method()
-    def GetCapabilities(self) -> StrArray:  # noqa: N802
-        return ["body", "body-markup"]
-
-    @dbus_method()
-    def GetServerInformation(self) -> ServerInfo:  # noqa: N802
-        return ["mailpush-test", "mailpush", "1.0", "1.2"]
-
-    @dbus_method()
-    def CloseNotification(self, notification_id: DBusUInt32):  # noqa: N802
-        return None
-
-    @dbus_signal()
-    def NotificationClosed(self) -> ClosedArgs:  # noqa: N802
-        return [0, 0]
-
-    @dbus_signal()
-    def ActionInvoked(self) -> ActionArgs:  # noqa: N802
-        return [0, ""]
-
-
-@pytest.fixture
-def session_bus(tmp_path: Path, monkeypatch) -> Iterator[str]:
-    """Start a private dbus-daemon whose socket is ``$XDG_RUNTIME_DIR/bus``."""
-    daemon = shutil.which("dbus-daemon")
-    if daemon is None:
-        pytest.fail("dbus-daemon not found; install the Debian package dbus")
-
-    runtime = tmp_path / "runtime"
-    runtime.mkdir(mode=0o700)
-    socket_path = runtime / "bus"
-    process = subprocess.Popen(
-        [
-            daemon,
-            "--session",
-            "--nofork",
-            "--print-address=1",
-            f"--address=unix:path={socket_path}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        address = process.stdout.readline().strip()
-        assert address.startswith("unix:path="), f"dbus-daemon printed {address!r}"
-        monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-        monkeypatch.delenv("DBUS_SESSION_BUS_ADDRESS", raising=False)
-        monkeypatch.delenv("DISPLAY", raising=False)
-        yield f"unix:path={socket_path}"
-    finally:
-        process.terminate()
-        process.wait(DEADLINE_S)
-        process.stdout.close()
-
-
-@pytest.fixture
-def notification_server(session_bus: str) -> Iterator[NotificationServer]:
-    """Export the notification service on the test bus from its own event loop thread."""
-    server = NotificationServer()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="test-notification-server")
-    thread.start()
-
-    async def export() -> MessageBus:
-        bus = await MessageBus(bus_address=session_bus).connect()
-        bus.export("/org/freedesktop/Notifications", server)
-        await bus.request_name("org.freedesktop.Notifications")
-        return bus
-
-    bus = asyncio.run_coroutine_threadsafe(export(), loop).result(DEADLINE_S)
-    try:
-        yield server
-    finally:
-        loop.call_soon_threadsafe(bus.disconnect)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(DEADLINE_S)
-        loop.close()
 
 
 def test_bus_without_server_falls_back(session_bus, notifier, caplog) -> None:
@@ -390,7 +277,7 @@ def test_desktop_notification_delivered(notification_server, notifier) -> None:
     assert notifier.show(push) == "desktop"
     assert notifier.show(make_push(kind="prompt")) == "desktop"
 
-    assert notification_server.received == [
+    assert notification_server.server.received == [
         {
             "app_name": "mailpush",
             "summary": "Ann Example <ann@example.org>",
@@ -406,31 +293,18 @@ def test_desktop_notification_delivered(notification_server, notifier) -> None:
 
 
 def test_recovers_when_server_appears(session_bus, caplog) -> None:
+    # Imported here: a top-level import would come before pytest_plugins
+    # registers the module, and pytest could no longer rewrite its asserts.
+    from tests.fixtures.notifications import running_notification_server
+
     with Notifier(send_timeout_s=DEADLINE_S, retry_after_s=0.0) as notifier:
         assert notifier.show(make_push()) == "log"
 
-        server = NotificationServer()
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="test-notification-server")
-        thread.start()
-
-        async def export() -> MessageBus:
-            bus = await MessageBus(bus_address=session_bus).connect()
-            bus.export("/org/freedesktop/Notifications", server)
-            await bus.request_name("org.freedesktop.Notifications")
-            return bus
-
-        bus = asyncio.run_coroutine_threadsafe(export(), loop).result(DEADLINE_S)
-        try:
+        with running_notification_server(session_bus) as fake:
             with caplog.at_level(logging.INFO, logger="mailpush.agent.notify"):
                 assert notifier.show(make_push()) == "desktop"
-            assert len(server.received) == 1
+            assert len(fake.notifications) == 1
             assert "desktop notifications work again" in caplog.text
-        finally:
-            loop.call_soon_threadsafe(bus.disconnect)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(DEADLINE_S)
-            loop.close()
 
 
 def test_close_ends_thread(notification_server) -> None:
@@ -440,3 +314,123 @@ def test_close_ends_thread(notification_server) -> None:
     notifier.close()
 
     assert wait_for(lambda: THREAD_NAME not in [t.name for t in threading.enumerate()])
+
+
+# --- the "Mark read" button ---------------------------------------------------
+
+
+class PressRecorder:
+    """An on_mark_read callback that records each mail id and the thread it ran on."""
+
+    def __init__(self) -> None:
+        self.mail_ids: list[str] = []
+        self.threads: list[str] = []
+
+    def __call__(self, mail_id: str) -> None:
+        self.mail_ids.append(mail_id)
+        self.threads.append(threading.current_thread().name)
+
+
+def test_mark_read_button_calls_back(action_server) -> None:
+    pressed = PressRecorder()
+    with Notifier(send_timeout_s=DEADLINE_S, on_mark_read=pressed) as notifier:
+        assert notifier.show(make_push(id="1700000000-7")) == "desktop"
+
+        (notification,) = action_server.notifications
+        key = notification.action_key("Mark read")
+        assert key is not None, f"no Mark read action in {notification.actions}"
+
+        action_server.press(notification.id, key)
+        assert wait_for(lambda: pressed.mail_ids != [])
+
+    assert pressed.mail_ids == ["1700000000-7"]
+    assert pressed.threads == [THREAD_NAME]
+
+
+def test_mark_read_press_matches_notification(action_server) -> None:
+    pressed = PressRecorder()
+    with Notifier(send_timeout_s=DEADLINE_S, on_mark_read=pressed) as notifier:
+        assert notifier.show(make_push(id="1700000000-1")) == "desktop"
+        assert notifier.show(make_push(id="1700000000-2")) == "desktop"
+
+        second = action_server.notifications[1]
+        action_server.press(second.id, second.action_key("Mark read"))
+        assert wait_for(lambda: pressed.mail_ids != [])
+
+    assert pressed.mail_ids == ["1700000000-2"]
+
+
+def test_other_action_not_mark_read(action_server) -> None:
+    pressed = PressRecorder()
+    with Notifier(send_timeout_s=DEADLINE_S, on_mark_read=pressed) as notifier:
+        assert notifier.show(make_push()) == "desktop"
+        assert notifier.show(make_push(id="1700000000-43")) == "desktop"
+
+        first, second = action_server.notifications
+        # "default" is the key a server sends when the notification body is clicked.
+        action_server.press(first.id, "default")
+        action_server.press(second.id, second.action_key("Mark read"))
+        assert wait_for(lambda: pressed.mail_ids != [])
+
+    assert pressed.mail_ids == ["1700000000-43"]
+
+
+def test_no_button_without_actions_capability(notification_server) -> None:
+    pressed = PressRecorder()
+    with Notifier(send_timeout_s=DEADLINE_S, on_mark_read=pressed) as notifier:
+        assert notifier.show(make_push()) == "desktop"
+
+    (notification,) = notification_server.notifications
+    assert notification.action_key("Mark read") is None
+    assert "Mark read" not in notification.actions
+
+
+def test_button_only_on_mail(action_server) -> None:
+    with Notifier(send_timeout_s=DEADLINE_S, on_mark_read=PressRecorder()) as notifier:
+        assert notifier.show(make_push(kind="prompt")) == "desktop"
+        assert notifier.show(make_push()) == "desktop"
+
+    prompt, mail = action_server.notifications
+    assert prompt.action_key("Mark read") is None
+    assert mail.action_key("Mark read") is not None
+
+
+def test_no_button_without_callback(action_server, notifier) -> None:
+    assert notifier.show(make_push()) == "desktop"
+
+    (notification,) = action_server.notifications
+    assert notification.action_key("Mark read") is None
+
+
+def test_failing_mark_read_logged(action_server, caplog) -> None:
+    calls: list[str] = []
+
+    def broken(mail_id: str) -> None:
+        calls.append(mail_id)
+        raise RuntimeError("inbox is locked\nby another process")
+
+    with caplog.at_level(logging.WARNING):
+        with Notifier(send_timeout_s=DEADLINE_S, on_mark_read=broken) as notifier:
+            assert notifier.show(make_push()) == "desktop"
+            first = action_server.notifications[0]
+            action_server.press(first.id, first.action_key("Mark read"))
+            assert wait_for(lambda: len(calls) == 1)
+            assert wait_for(lambda: len(caplog.records) == 1)
+
+            # The notifier thread survived the exception and still serves.
+            assert notifier.show(make_push(id="1700000000-43")) == "desktop"
+            second = action_server.notifications[1]
+            action_server.press(second.id, second.action_key("Mark read"))
+            assert wait_for(lambda: len(calls) == 2)
+            assert wait_for(lambda: len(caplog.records) == 2)
+
+    assert calls == ["1700000000-42", "1700000000-43"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "notify: marking mail 1700000000-42 read failed: "
+        "RuntimeError: inbox is locked by another process",
+        "notify: marking mail 1700000000-43 read failed: "
+        "RuntimeError: inbox is locked by another process",
+    ]
+    assert all(r.name == "mailpush.agent.notify" for r in caplog.records)
+    assert all(r.exc_info is None for r in caplog.records)
