@@ -71,7 +71,10 @@ class BrokerSession:
         try:
             self._client.connect(self.address.host, self.address.port, keepalive=30, **extra)
         except ssl.SSLCertVerificationError as exc:
-            msg = f"{where}: TLS certificate verification failed: {exc.verify_message}; check broker.ca_file"
+            msg = (
+                f"{where}: TLS certificate verification failed: {exc.verify_message.rstrip('.')}; "
+                "check broker.ca_file and the host name in broker.url"
+            )
             raise BrokerError(msg) from None
         except OSError as exc:
             msg = f"{where}: cannot connect: {exc.strerror or exc}; check broker.url and that the broker is running"

@@ -244,7 +244,7 @@ class Link:
         except ssl.SSLCertVerificationError as exc:
             self._fail(
                 BrokerError(
-                    f"broker {address}: TLS certificate verification failed: {exc.verify_message}; check broker.ca_file and the host name in broker.url"
+                    f"broker {address}: TLS certificate verification failed: {exc.verify_message.rstrip('.')}; check broker.ca_file and the host name in broker.url"
                 )
             )
             return "failed"

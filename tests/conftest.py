@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.dovecot",
     "tests.fixtures.smbus",
     "tests.fixtures.gpio",
+    "tests.fixtures.tls",
 ]
