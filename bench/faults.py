@@ -17,6 +17,7 @@ import argparse
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from tests.faults import FaultRun, Report, Scenario
@@ -31,7 +32,7 @@ def main() -> int:
         "--persistence",
         choices=("on", "off", "both"),
         default="both",
-        help="Mosquitto persistence; both splits the run in two halves (default both)",
+        help="Mosquitto persistence; both makes two runs of half the mails each (default both)",
     )
     parser.add_argument(
         "--interval", type=float, default=0.25, help="seconds between appends (default 0.25)"
@@ -39,6 +40,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of the fault schedule")
     parser.add_argument("--keep", type=Path, help="keep the logs in this folder")
     options = parser.parse_args()
+    if options.keep is not None and options.keep.exists() and any(options.keep.iterdir()):
+        parser.error(f"--keep {options.keep}: the folder is not empty; give a new or empty folder")
 
     modes = [True, False] if options.persistence == "both" else [options.persistence == "on"]
     reports = []
@@ -52,8 +55,11 @@ def main() -> int:
             settle_timeout_s=180.0,
             seed=options.seed + index,
         )
-        print(f"run {index + 1}/{len(modes)}: {scenario.mails} mails, {scenario.faults} faults, "
-              f"persistence {'on' if persistence else 'off'}")  # fmt: skip
+        mode = "on" if persistence else "off"
+        print(
+            f"run {index + 1}/{len(modes)}: {scenario.mails} mails, {scenario.faults} faults, "
+            f"persistence {mode}"
+        )
         reports.append(_run(scenario, options.keep, index + 1))
 
     _print_totals(reports, time.monotonic() - started)
@@ -65,21 +71,19 @@ def _share(total: int, parts: int, index: int) -> int:
 
 
 def _run(scenario: Scenario, keep: Path | None, number: int) -> Report:
-    if keep is not None:
-        root = keep / f"run-{number}"
-        root.mkdir(parents=True, exist_ok=False)
+    with ExitStack() as stack:
+        if keep is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mailpush-faults-")))
+        else:
+            root = keep / f"run-{number}"
+            root.mkdir(parents=True)
         with FaultRun(scenario, root) as run:
             report = run.run()
-    else:
-        with tempfile.TemporaryDirectory(prefix="mailpush-faults-") as folder:
-            with FaultRun(scenario, Path(folder)) as run:
-                report = run.run()
-            evidence = report.evidence()
-    print(report.summary())
-    for line in report.problems():
-        print(f"  FAILED {line}")
-    if report.problems():
-        print(report.evidence() if keep is not None else evidence)
+        print(report.summary())
+        for line in report.problems():
+            print(f"  FAILED {line}")
+        if report.problems():
+            print(report.evidence())  # before a temporary folder and its logs are removed
     return report
 
 

@@ -49,6 +49,10 @@ CONNECT_TIMEOUT_S = 30.0
 EXPIRE_EVERY_S = 60.0
 TICK_S = 1.0
 RETAINED_GRACE_S = 0.3
+BROKER_WAIT_S = 10.0
+# How long after a broker connect a mail waits for terminals whose will said
+# "connection-lost" to report again; agents reconnect with backoff from 0.5 s.
+RECONNECT_GRACE_S = 10.0
 
 
 class PushService:
@@ -63,6 +67,7 @@ class PushService:
         self._drops = DropLog(log)
         self._watcher_errors: dict[str, MailpushError] = {}
         self._held: set[str] = set()
+        self._connected_at = float("-inf")
         self._watchers: dict[str, MailboxWatcher] = {}
         self._read_state: queue.Queue[tuple[str, MailStatus] | None] = queue.Queue()
         # NOTE: the last read state reported per mail lives in memory only, so
@@ -145,7 +150,8 @@ class PushService:
                 password=broker.password(),
                 ca_file=broker.ca_file,
                 protocol=protocol,
-            )
+            ),
+            on_connected=self._on_link_connected,
         )
         for kind, handler in (
             (TopicKind.STATE, self._on_state),
@@ -252,6 +258,7 @@ class PushService:
                 )
             raise RetryLater(f"no terminal of {user.id} has reported yet")
         self._held.discard(mail.mail_id)
+        self._await_reconnected_terminals(user.id)
 
         summary = summarize(mail.raw, mail.mail_id, mail.seen)
         routed = router.route(user, summary)
@@ -260,6 +267,45 @@ class PushService:
         for push in routed.pushes:
             self._send(user.id, push.terminal, push.push_id, push.payload)
         log.info("mail %s of %s: %s", mail.mail_id, user.id, routed.decision.reason)
+
+    def _on_link_connected(self) -> None:
+        self._connected_at = time.monotonic()
+
+    def _await_reconnected_terminals(self, user: str) -> None:
+        """Wait, briefly, for terminals that a broker restart made look ``off``.
+
+        A broker that shuts down publishes the last will of every agent it
+        had, so right after it comes back every terminal reads as ``off``
+        (connection-lost), and routing then would send the mail to all of
+        them by the fallback. So without a broker connection the mail waits
+        in the mailbox, and for RECONNECT_GRACE_S after a connect it waits for
+        such terminals to report again.
+
+        Raises:
+            RetryLater: the broker is not connected.
+        """
+        assert self.link is not None
+        if not self.link.wait_connected(BROKER_WAIT_S):
+            raise RetryLater("the broker is not connected")
+
+        remaining = RECONNECT_GRACE_S - (time.monotonic() - self._connected_at)
+        if remaining <= 0:
+            return
+        waiting = {
+            terminal: record.state.ts
+            for terminal, record in self.registry.terminals(user).items()
+            if record.state is not None
+            and record.state.state == "off"
+            and record.state.reason == "connection-lost"
+        }
+        if waiting:
+            missing = self.registry.wait_for_states(user, waiting, remaining)
+            if missing:
+                log.debug(
+                    "terminals %s of %s did not come back after the reconnect",
+                    sorted(missing),
+                    user,
+                )
 
     def _send(self, user: str, terminal: str, push_id: str, payload: bytes) -> None:
         assert self.link is not None and self.outbox is not None
