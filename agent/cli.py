@@ -358,6 +358,20 @@ def _full_dict(value: Any) -> Any:
 def _probe_sensors(
     plugins: dict[str, PluginEntry], settings: AgentConfig | None, include_disabled: bool = False
 ) -> dict[str, dict[str, Any]]:
+    # The plugins log their problems at WARNING when they start; here the
+    # table printed below says the same, so the log would only repeat it.
+    sensors_log = logging.getLogger("mailpush.sensors")
+    level = sensors_log.level
+    sensors_log.setLevel(logging.ERROR)
+    try:
+        return _describe_plugins(plugins, settings, include_disabled)
+    finally:
+        sensors_log.setLevel(level)
+
+
+def _describe_plugins(
+    plugins: dict[str, PluginEntry], settings: AgentConfig | None, include_disabled: bool
+) -> dict[str, dict[str, Any]]:
     described: dict[str, dict[str, Any]] = {}
     for name, entry in sorted(plugins.items()):
         setting = settings.sensors.get(name) if settings else None

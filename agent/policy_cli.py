@@ -182,12 +182,21 @@ def policy_edit(ctx: click.Context) -> None:
                     new = parse_policy_text(text, "policy.toml", config.terminal, time.time())
                 except ConfigError as exc:
                     click.echo(f"invalid policy: {exc}", err=True)
-                    if click.confirm("Edit it again?", default=True, err=True):
+                    if _confirm_again():
                         continue
                     msg = "the policy in force stays as it was; nothing was published"
                     raise ConfigError(msg) from None
                 _publish(session, config, new, text)
                 return
+
+
+def _confirm_again() -> bool:
+    """Ask whether to edit again; no answer (stdin closed or not a terminal) means no."""
+    try:
+        return click.confirm("Edit it again?", default=True, err=True)
+    except click.exceptions.Abort:
+        click.echo("", err=True)
+        return False
 
 
 @policy.command("explain")

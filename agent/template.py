@@ -13,7 +13,7 @@ terminal = "{terminal}"
 [broker]
 url = "{broker}"              # mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS
 {protocol_line}
-# username = "{user}-{terminal}"
+# username = "{user}.{terminal}"   # as `mailpush-server accounts add {user} {terminal}` creates it
 # password_file = "~/.config/mailpush/broker-password"   # chmod 600; or:
 # password_env = "MAILPUSH_BROKER_PASSWORD"
 # ca_file = "/etc/ssl/certs/my-ca.pem"                 # for mqtts:// with a private CA
@@ -46,6 +46,8 @@ url = "{broker}"              # mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS
 [sensors.power]
 # enabled = true
 # kind = "auto"              # laptop, desktop, phone, tablet, pi, other; auto guesses
+# capabilities = ["images", "html", "color", "attachments", "sound"]   # what policies may require;
+#                            # default: images, html and color when there is a display
 """
 
 

@@ -62,7 +62,9 @@ def _read_file(key: str, path: Path) -> str:
         msg = f"{key}.password_file: cannot read {path}: {exc}"
         raise ConfigError(msg) from None
 
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    # Group access is allowed, so a service user in the file's group can read it
+    # (root:mailpush 0640); access for every other user is not.
+    if mode & stat.S_IRWXO:
         msg = f"{key}.password_file: {path} is readable by other users; run chmod 600 {path}"
         raise ConfigError(msg)
     return text[:-1] if text.endswith("\n") else text

@@ -99,7 +99,7 @@ class Link:
         )
         self._lock = threading.Lock()
         self._retained: dict[str, bytes] = {}
-        self._queue: deque[tuple[str, bytes]] = deque(maxlen=OFFLINE_QUEUE_MAX)
+        self._queue: deque[tuple[str, bytes, bool]] = deque(maxlen=OFFLINE_QUEUE_MAX)
         self._handlers: dict[str, MessageHandler] = {}
         self._connected = threading.Event()
         self._settled = threading.Event()  # set on connect or on a fatal error
@@ -144,13 +144,20 @@ class Link:
                 return None
             return self._client.publish(topic, payload, qos=1, retain=True)
 
-    def publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo | None:
-        """Publish a non-retained QoS 1 message; offline, queue it (oldest dropped past 1,000)."""
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo | None:
+        """Publish a QoS 1 message once; offline, queue it (oldest dropped past 1,000).
+
+        Unlike :meth:`publish_retained`, a retained message sent here is not
+        sent again on later connects, so it cannot overwrite a newer value
+        that another client publishes meanwhile.
+        """
         with self._lock:
             if not self.connected:
-                self._queue.append((topic, payload))
+                self._queue.append((topic, payload, retain))
                 return None
-            return self._client.publish(topic, payload, qos=1, retain=False)
+            return self._client.publish(topic, payload, qos=1, retain=retain)
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Block until the broker has acknowledged every subscription of the current connection.
@@ -351,8 +358,8 @@ class Link:
                 for topic, payload in self._retained.items():
                     client.publish(topic, payload, qos=1, retain=True)
                 while self._queue:
-                    topic, payload = self._queue.popleft()
-                    client.publish(topic, payload, qos=1, retain=False)
+                    topic, payload, retain = self._queue.popleft()
+                    client.publish(topic, payload, qos=1, retain=retain)
                 self._connected.set()
                 self._settled.set()
             if self._on_connected is not None:

@@ -310,7 +310,7 @@ def _validate_settings(
 ) -> None:
     """Raise :class:`ConfigError` for settings the broker must not start with."""
     if not 0 <= port <= 65535:
-        msg = f"broker.port: invalid port {port}; use 1 to 65535, or 0 for a free port"
+        msg = f"broker.listen: invalid port {port}; use 1 to 65535, or 0 for a free port"
         raise ConfigError(msg)
 
     if not allow_anonymous and password_file is None:
@@ -371,12 +371,13 @@ def _as_broker_error(error: BaseException, host: str, port: int) -> BrokerError:
 
     if isinstance(root, OSError) and root.errno == errno.EADDRINUSE:
         msg = (
-            f"broker.port: port {port} on {host} is already in use; stop the program "
-            "that holds it (ss -ltnp) or set broker.port to a free port"
+            f"broker.listen: port {port} on {host} is already in use; stop the program "
+            f'that holds it (ss -ltnp) or set broker.listen = "{host}:PORT" to a free port'
+
         )
         return BrokerError(msg)
     if isinstance(root, OSError) and root.errno == errno.EACCES:
-        msg = f"broker.port: no permission to listen on port {port}; use a port above 1023"
+        msg = f"broker.listen: no permission to listen on port {port}; use a port above 1023"
         return BrokerError(msg)
 
     detail = str(root).replace("\n", " ") or type(root).__name__

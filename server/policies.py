@@ -47,6 +47,11 @@ class PolicyStore:
                     exc,
                 )
 
+    def stored(self, user: str) -> Policy | None:
+        """Return the user's policy if one was set, or None while the default applies."""
+        with self._lock:
+            return self._policies.get(user)
+
     def get(self, user: str) -> Policy:
         """Return the user's policy, or the default one."""
         with self._lock:

@@ -53,6 +53,9 @@ BROKER_WAIT_S = 10.0
 # How long after a broker connect a mail waits for terminals whose will said
 # "connection-lost" to report again; agents reconnect with backoff from 0.5 s.
 RECONNECT_GRACE_S = 10.0
+# Retained messages arrive right after a connect; a policy not among them by
+# then was lost by the broker.
+POLICY_RESTORE_AFTER_S = 2.0
 
 
 class PushService:
@@ -68,6 +71,8 @@ class PushService:
         self._watcher_errors: dict[str, MailpushError] = {}
         self._held: set[str] = set()
         self._connected_at = float("-inf")
+        self._policies_heard: set[str] = set()
+        self._policies_checked = True
         self._watchers: dict[str, MailboxWatcher] = {}
         self._read_state: queue.Queue[tuple[str, MailStatus] | None] = queue.Queue()
         # NOTE: the last read state reported per mail lives in memory only, so
@@ -224,6 +229,7 @@ class PushService:
                 )
 
             self._resend_due()
+            self._restore_lost_policies()
             if time.monotonic() >= next_expiry:
                 assert self.outbox is not None
                 self.outbox.expire()
@@ -270,6 +276,27 @@ class PushService:
 
     def _on_link_connected(self) -> None:
         self._connected_at = time.monotonic()
+        self._policies_heard = set()
+        self._policies_checked = False
+
+    def _restore_lost_policies(self) -> None:
+        """Publish a stored policy again when the broker has none after a connect.
+
+        A broker restarted without persistence (amqtt always) forgets the
+        retained policy, and the policy commands read it from the broker, so
+        the service, which kept a copy, puts it back.
+        """
+        if self._policies_checked or self.link is None or not self.link.connected:
+            return
+        if time.monotonic() - self._connected_at < POLICY_RESTORE_AFTER_S:
+            return
+        self._policies_checked = True
+        for user in self._users:
+            policy = self.policies.stored(user)
+            if policy is None or user in self._policies_heard:
+                continue
+            self.link.publish(self.topics.policy(user), encode(policy), retain=True)
+            log.info("policy of %s published again: the broker had lost it", user)
 
     def _await_reconnected_terminals(self, user: str) -> None:
         """Wait, briefly, for terminals that a broker restart made look ``off``.
@@ -377,6 +404,7 @@ class PushService:
             log.debug("push %s acknowledged by %s of %s", ack.id, ref.terminal, ref.user)
 
     def _on_policy(self, ref: TopicRef, payload: bytes) -> None:
+        self._policies_heard.add(ref.user)
         self.policies.update(ref.user, payload)
 
     def _on_mailstatus(self, ref: TopicRef, payload: bytes) -> None:

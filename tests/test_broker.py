@@ -337,7 +337,7 @@ def test_port_in_use_named(clients) -> None:
     message = str(caught.value)
     assert f"port {port}" in message
     assert "already in use" in message
-    assert "broker.port" in message
+    assert "broker.listen" in message
     assert not broker_threads()
 
 

@@ -212,3 +212,12 @@ def test_zone_invalid():
         build({"user": "a", "terminal": "b", "position": {"zone": ""}})
 
     assert str(caught.value).startswith("position.zone: invalid value ''")
+
+
+def test_password_file_group_readable_allowed(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("hunter2\n")
+    secret.chmod(0o640)  # root:mailpush 0640, as a system service reads it
+    config = build({"user": "a", "terminal": "b", "broker": {"password_file": str(secret)}})
+
+    assert config.broker.password() == "hunter2"

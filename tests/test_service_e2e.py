@@ -294,3 +294,52 @@ def test_mail_held_until_a_terminal_reports(tmp_path, xvfb_display):
         if agent is not None:
             agent.terminate()
         server.terminate()
+
+
+def test_policy_restored_after_broker_restart(tmp_path):
+    """The embedded broker forgets retained messages; the service puts the policy back."""
+    port = free_port()
+    maildir = tmp_path / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    config = server_config(
+        tmp_path / "server.toml",
+        f'listen = "127.0.0.1:{port}"',
+        f'{{ kind = "maildir", path = "{maildir}" }}',
+        tmp_path / "service",
+    )
+    env = home_env(tmp_path / "server-home")
+    agent_home = tmp_path / "agent"
+    agent_home.mkdir()
+    url = f"mqtt://127.0.0.1:{port}"
+    agent_config = write_agent_config(agent_home / "agent.toml", "alice", "laptop", url, protocol="3.1.1")
+    agent_env = home_env(agent_home)
+    server = start_server(config, env, tmp_path / "server-1.log")
+    try:
+        result = subprocess.run(
+            [AGENT, "policy", "set", "--all", "--config", str(agent_config)],
+            env=agent_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        server.wait_for_log("policy of alice set by laptop")
+    finally:
+        server.terminate()
+
+    server = start_server(config, env, tmp_path / "server-2.log")
+    try:
+        server.wait_for_log("policy of alice published again: the broker had lost it")
+        shown = subprocess.run(
+            [AGENT, "policy", "show", "--config", str(agent_config)],
+            env=agent_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert "set by laptop" in shown.stdout
+        assert "no policy set" not in shown.stdout
+    finally:
+        server.terminate()

@@ -104,7 +104,8 @@ def test_missing_bus_is_unavailable(fake_smbus: FakeI2C) -> None:
     assert status.health is Health.UNAVAILABLE
     assert status.reason == (
         "sensors.temperature: /dev/i2c-1 not found; enable I2C "
-        "(raspi-config → Interface Options → I2C) or set bus = N"
+        "(raspi-config → Interface Options → I2C) or use a bus that exists "
+        "(ls /dev/i2c-* lists them)"
     )
     assert plugin.read().temperature_c is None
 

@@ -129,7 +129,8 @@ def bus_open_problem(bus: int, exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError):
         return (
             f"sensors.temperature: {path} not found; enable I2C "
-            "(raspi-config → Interface Options → I2C) or set bus = N"
+            "(raspi-config → Interface Options → I2C) or use a bus that exists "
+            "(ls /dev/i2c-* lists them)"
         )
     if isinstance(exc, PermissionError):
         return (
