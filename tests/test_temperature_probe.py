@@ -114,7 +114,8 @@ def test_probe_missing_bus(fake_smbus: FakeI2C) -> None:
 
     assert str(caught.value) == (
         "sensors.temperature: /dev/i2c-7 not found; enable I2C "
-        "(raspi-config → Interface Options → I2C) or set bus = N"
+        "(raspi-config → Interface Options → I2C) or use a bus that exists "
+        "(ls /dev/i2c-* lists them)"
     )
 
 
