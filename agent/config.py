@@ -6,6 +6,7 @@ Every error is one line naming the key, the value and what is allowed.
 """
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -172,7 +173,7 @@ def build_config(
         msg = f"broker.keepalive_s: invalid value {broker.keepalive_s}; use 5 or more seconds"
         raise ConfigError(msg)
     if broker.ca_file and not Path(broker.ca_file).expanduser().is_file():
-        msg = f"broker.ca_file: {broker.ca_file} not found; give the CA certificate's path"
+        msg = f"broker.ca_file: {broker.ca_file!r} not found; give the CA certificate's path"
         raise ConfigError(msg)
 
     fusion_table = dict(_table(data, "fusion"))
@@ -182,7 +183,8 @@ def build_config(
         msg = f"fusion.{unknown_fusion[0]}: unknown key; allowed keys: {', '.join(sorted(allowed_fusion))}"
         raise ConfigError(msg)
     heartbeat_s = fusion_table.pop("heartbeat_s", DEFAULT_HEARTBEAT_S)
-    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int | float) or heartbeat_s < 1:
+    is_number = isinstance(heartbeat_s, int | float) and not isinstance(heartbeat_s, bool)
+    if not is_number or not math.isfinite(heartbeat_s) or heartbeat_s < 1:
         msg = (
             f"fusion.heartbeat_s: invalid value {heartbeat_s!r}; use a number of seconds, 1 or more"
         )

@@ -1,6 +1,7 @@
 """Validation of TOML tables into dataclasses, shared by every config reader."""
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -63,7 +64,10 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        # TOML allows nan and inf, and every comparison with nan is false, so a
+        # nan threshold would pass any range check later; only finite numbers do.
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return number and math.isfinite(value)
     return isinstance(value, hint)
 
 
@@ -76,5 +80,5 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
     if origin is list:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))

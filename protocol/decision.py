@@ -147,7 +147,9 @@ def parse_select(select: str, where: str) -> Selector:
 
 def quote_name(text: str) -> str:
     """Return ``text`` in double quotes, as rule names appear in messages."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = escaped.replace("\n", "\\n").replace("\r", "\\r")
+    return '"' + escaped + '"'
 
 
 def decide(policy: Policy, mail: MailSummary, terminals: Iterable[TerminalView]) -> Decision:

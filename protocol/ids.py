@@ -4,7 +4,9 @@ import re
 
 from mailpush.errors import InvalidIdError
 
-ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+# \Z, not $: msgspec applies the pattern with re.search, where $ also
+# matches before a final newline, so "desk\n" would pass.
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}\Z"
 _ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 

@@ -241,6 +241,10 @@ def decode(payload: bytes, message_type: type[M]) -> M:
         detail = str(exc).replace("\n", " ")
         msg = f"{name}: invalid payload: {detail}"
         raise PayloadError(msg) from None
+    except RecursionError:
+        # msgspec recurses per nesting level, even in fields it ignores.
+        msg = f"{name}: invalid payload: JSON nested too deeply"
+        raise PayloadError(msg) from None
 
     if isinstance(message, _NeverSent):
         msg = f"{name}: invalid payload: Invalid value 0 - at `$.v`"

@@ -167,7 +167,11 @@ def load_config(path: Path | None, broker_url: str | None = None) -> ServerConfi
         data = _read(path)
         source = path
     if broker_url is not None:
-        data = {**data, "broker": {**data.get("broker", {}), "url": broker_url}}
+        table = data.get("broker", {})
+        if not isinstance(table, dict):
+            msg = f"broker: expected a table ([broker]), got {table!r}"
+            raise ConfigError(msg)
+        data = {**data, "broker": {**table, "url": broker_url}}
     return build_config(data, source)
 
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from datetime import UTC
 from email.message import EmailMessage, Message
+from email.parser import BytesHeaderParser
 from html.parser import HTMLParser
 from typing import TypeVar
 
@@ -26,9 +27,13 @@ SNIPPET_MAX_CHARS = 280
 # From or Subject is cut, so that one mail cannot inflate every push.
 HEADER_MAX_CHARS = 998
 
-# NOTE: a mail with more attachments lists only the first 100, to keep the push
-# far below the protocol's 256 KiB payload limit.
+# NOTE: a mail with more attachments lists only the first 100, and each name and
+# type is cut, to keep the push far below the protocol's 256 KiB payload limit.
 MAX_ATTACHMENTS = 100
+# Most file systems allow 255 characters in a name; RFC 6838 section 4.2 allows
+# 127 characters for each of a media type's two names.
+ATTACHMENT_NAME_MAX_CHARS = 255
+ATTACHMENT_TYPE_MAX_CHARS = 255
 
 # Guards against a crafted mail whose MIME parts nest deeply enough to exhaust the stack.
 MAX_DEPTH = 30
@@ -55,8 +60,21 @@ def summarize(raw: bytes, mail_id: str, seen: bool) -> MailSummary:
     problems: list[str] = []
     message = _read(problems, "MIME structure", None, _parse, raw)
     if message is None:
+        # The body could not be parsed (nesting deep enough to exhaust the
+        # stack, say); the headers alone still tell who wrote and about what.
+        headers = _read(problems, "headers", None, _parse_headers, raw)
         _log_problems(mail_id, problems)
-        return MailSummary(id=mail_id, size=len(raw), seen=seen)
+        if headers is None:
+            return MailSummary(id=mail_id, size=len(raw), seen=seen)
+        return MailSummary(
+            id=mail_id,
+            message_id=_read(problems, "Message-ID", "", _header, headers, "message-id"),
+            sender=_read(problems, "From", "", _header, headers, "from"),
+            subject=_read(problems, "Subject", "", _header, headers, "subject"),
+            date=_read(problems, "Date", "", _date, headers),
+            size=len(raw),
+            seen=seen,
+        )
 
     parts = _read(problems, "MIME parts", [], lambda: list(_leaf_parts(message, 0)))
     summary = MailSummary(
@@ -95,6 +113,10 @@ def _parse(raw: bytes) -> EmailMessage:
     message = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(message, EmailMessage)  # guaranteed by policy.default
     return message
+
+
+def _parse_headers(raw: bytes) -> Message:
+    return BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
 
 
 def _header(message: Message, name: str) -> str:
@@ -149,8 +171,9 @@ def _attachments(parts: list[Message]) -> list[Attachment]:
             continue
         if len(found) == MAX_ATTACHMENTS:
             break
-        name = clean_text(part.get_filename() or "", HEADER_MAX_CHARS)
-        found.append(Attachment(name=name, type=_safe_type(part), size=_payload_size(part)))
+        name = clean_text(part.get_filename() or "", ATTACHMENT_NAME_MAX_CHARS)
+        content_type = _safe_type(part)[:ATTACHMENT_TYPE_MAX_CHARS]
+        found.append(Attachment(name=name, type=content_type, size=_payload_size(part)))
     return found
 
 

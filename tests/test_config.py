@@ -90,7 +90,7 @@ def test_invalid_ids_rejected(data, expected):
         ),
         (
             {"user": "a", "terminal": "b", "fusion": {"active_window_s": "2m"}},
-            "fusion.active_window_s: invalid value '2m'; expected a number",
+            "fusion.active_window_s: invalid value '2m'; expected a finite number",
         ),
         (
             {"user": "a", "terminal": "b", "fusion": {"heartbeat_s": 0}},
