@@ -1,6 +1,6 @@
 """The long fuzz run: the properties of tests/test_fuzz_*.py for a million inputs or more.
 
-    python -m bench.fuzz --inputs 1000000 [--workers 2] [--include-known-bugs]
+    python -m bench.fuzz --inputs 1000000 [--workers 2]
 
 The inputs are split evenly across the targets (payload types, config files,
 policy file, MIME), and each target's share into chunks run on a process pool.
@@ -12,7 +12,6 @@ failures of each distinct kind. Exit status 1 means some input failed.
 
 import argparse
 import multiprocessing
-import os
 import sys
 import time
 from collections import Counter
@@ -131,14 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", type=int, default=1_000_000, help="total inputs, all targets")
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--target", action="append", help="run only this target (repeatable)")
-    parser.add_argument(
-        "--include-known-bugs",
-        action="store_true",
-        help="also draw the inputs of the bugs listed in tests/test_found_bugs.py",
-    )
     options = parser.parse_args(argv)
-    if options.include_known_bugs:
-        os.environ["MAILPUSH_FUZZ_KNOWN_BUGS"] = "1"  # read when the test modules are imported
 
     names = options.target or list(_targets())
     tasks = _tasks(names, options.inputs)
