@@ -18,7 +18,7 @@ import platformdirs
 from mailpush.agent.fusion import FusionConfig
 from mailpush.errors import ConfigError
 from mailpush.protocol.broker_url import BrokerAddress, parse_broker_url
-from mailpush.protocol.ids import validate_id
+from mailpush.protocol.ids import is_valid_id, validate_id
 from mailpush.protocol.topics import DEFAULT_ROOT
 from mailpush.secrets import read_secret
 from mailpush.sensors.registry import PluginEntry
@@ -168,6 +168,7 @@ def build_config(
     terminal = validate_id(data["terminal"], "terminal")
 
     broker = parse_dataclass(BrokerSettings, _table(data, "broker"), "broker")
+    _check_account(broker.username, user, terminal)
     address = parse_broker_url(broker.url)
     if broker.keepalive_s < 5:
         msg = f"broker.keepalive_s: invalid value {broker.keepalive_s}; use 5 or more seconds"
@@ -269,6 +270,28 @@ def _zone(position: PositionSettings, sensors: Mapping[str, SensorSettings]) -> 
         msg = f"position.zone: invalid value {zone!r}; use a name of 1 to 64 characters, such as study"
         raise ConfigError(msg)
     return zone.strip() if zone is not None else None
+
+
+def _check_account(username: str | None, user: str, terminal: str) -> None:
+    """Reject an account that ``mailpush-server accounts add`` made for another terminal.
+
+    Such an account may publish only that terminal's topics, so the agent
+    would run without an error while the broker drops everything it sends,
+    and it would share that terminal's client session. Usernames of other
+    shapes are left alone, since other brokers name accounts their own way.
+    """
+    if username is None or username.count(".") != 1:
+        return
+    account_user, account_terminal = username.split(".")
+    if not (is_valid_id(account_user) and is_valid_id(account_terminal)):
+        return
+    if (account_user, account_terminal) != (user, terminal):
+        msg = (
+            f"broker.username: {username!r} is the account of terminal "
+            f"{account_user}/{account_terminal}, not of {user}/{terminal}; use {user}.{terminal} "
+            f"(mailpush-server accounts add {user} {terminal} creates it)"
+        )
+        raise ConfigError(msg)
 
 
 def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:

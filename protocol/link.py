@@ -218,6 +218,7 @@ class Link:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_subscribe
+        client.on_publish = self._handle_publish
         client.on_socket_open = self._handle_socket_open
         return client
 
@@ -306,6 +307,7 @@ class Link:
         self._downgrade_requested = True
 
     _failures_in_row = 0
+    _publish_refused = False
     _ever_connected_in_round = False
     _downgrade_requested = False
 
@@ -340,6 +342,7 @@ class Link:
 
             self._ever_connected_in_round = True
             self._failures_in_row = 0
+            self._publish_refused = False
             log.info(
                 "connected to %s (MQTT %s, session %s)",
                 self._options.address,
@@ -385,6 +388,18 @@ class Link:
             )
             return
         log.warning("broker %s refused the connection: %s", address, reason_code)
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        # MQTT 5 brokers say in the PUBACK when they drop a message, such as
+        # Mosquitto for a topic the account's ACL does not allow (0x87).
+        if reason_code.is_failure and not self._publish_refused:
+            self._publish_refused = True
+            log.warning(
+                "broker %s rejected a message from this client: %s; check the account's "
+                "access rights (once per connection)",
+                self._options.address,
+                reason_code,
+            )
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         for code in reason_codes:

@@ -296,10 +296,13 @@ def _create(
 
 
 def _echo_broker_table(username: str, secret: Path, topic_root: str) -> None:
+    click.echo("# Put this [broker] table in place of the one in the config file; copy the")
+    click.echo("# password file to the terminal (mode 0600) and fix its path below.")
     click.echo("[broker]")
     click.echo('url = "mqtts://BROKER-HOST:8883"')
     # A JSON string is a valid TOML basic string, escapes included.
     click.echo(f"username = {json.dumps(username)}")
     click.echo(f"password_file = {json.dumps(str(secret))}")
+    click.echo('ca_file = "/path/to/ca.pem"   # the CA that signed the broker\'s certificate')
     if topic_root != DEFAULT_ROOT:
         click.echo(f"topic_root = {json.dumps(topic_root)}")

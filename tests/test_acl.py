@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 from itertools import product
 
 import pytest
@@ -364,3 +365,33 @@ def test_service_and_agents_through_acl(broker, tmp_path):
     log = broker.run_log()
     assert "not authorised" not in log
     assert "Denied PUBLISH" not in log
+
+
+def test_link_warns_on_rejected_publish(broker, caplog):
+    from mailpush.protocol.broker_url import parse_broker_url
+    from mailpush.protocol.link import Link, LinkOptions
+
+    actor = ACTORS[0]
+    link = Link(
+        LinkOptions(
+            address=parse_broker_url(broker.url),
+            client_id="mailpush-link-warning",
+            username=username(actor),
+            password=broker.secrets[actor].read_text().strip(),
+            ca_file=str(broker.ca.ca_file),
+            protocol="5",
+        )
+    )
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        info = link.publish(f"{TOPICS.root}/someone-else/policy", b"{}")
+        info.wait_for_publish(10)
+        deadline = time.monotonic() + 10
+        while "rejected a message" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        link.stop()
+
+    assert "rejected a message from this client" in caplog.text
+    assert caplog.text.count("rejected a message") == 1

@@ -221,3 +221,20 @@ def test_password_file_group_readable_allowed(tmp_path):
     config = build({"user": "a", "terminal": "b", "broker": {"password_file": str(secret)}})
 
     assert config.broker.password() == "hunter2"
+
+
+def test_account_of_other_terminal_rejected():
+    with pytest.raises(ConfigError) as caught:
+        build({"user": "alice", "terminal": "desk", "broker": {"username": "alice.phone"}})
+
+    message = str(caught.value)
+    assert message.startswith("broker.username: 'alice.phone' is the account of terminal alice/phone")
+    assert "use alice.desk" in message
+
+
+def test_own_or_foreign_username_accepted():
+    own = build({"user": "alice", "terminal": "desk", "broker": {"username": "alice.desk"}})
+    other_scheme = build({"user": "alice", "terminal": "desk", "broker": {"username": "emqx-user"}})
+
+    assert own.broker.username == "alice.desk"
+    assert other_scheme.broker.username == "emqx-user"
