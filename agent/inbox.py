@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import builtins
 import logging
-import os
 import sqlite3
-import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,8 +29,9 @@ from pathlib import Path
 import msgspec
 import platformdirs
 
-from mailpush.errors import MailpushError, PayloadError
+from mailpush.errors import PayloadError
 from mailpush.protocol.messages import Push, decode, encode
+from mailpush.sqlite_files import open_private_database
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +72,14 @@ class Inbox:
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_path()
         self._lock = threading.Lock()
-        self._conn = _open_database(self.path)
+        self._conn = open_private_database(
+            self.path,
+            name="inbox",
+            schema=_SCHEMA,
+            version=_SCHEMA_VERSION,
+            damaged_hint="pushes resent by the service then show again",
+            fix_modes=True,
+        )
 
     def close(self) -> None:
         """Close the database; calling it again does nothing."""
@@ -181,68 +187,3 @@ def _restore(push_id: str, payload: bytes, seen: int) -> Push | None:
         return None
     mail = msgspec.structs.replace(push.mail, seen=bool(seen))
     return msgspec.structs.replace(push, mail=mail)
-
-
-def _open_database(path: Path) -> sqlite3.Connection:
-    """Create or open the inbox file with safe permissions, or raise one-line MailpushError."""
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # O_CREAT with 0600 makes the mode independent of the umask.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    except OSError as exc:
-        msg = f"inbox: cannot create {path}: {exc.strerror}; check the folder's owner and mode"
-        raise MailpushError(msg) from None
-
-    for candidate in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        _restrict_mode(candidate)
-
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    try:
-        _prepare(conn)
-    except sqlite3.DatabaseError as exc:
-        conn.close()
-        msg = (
-            f"inbox: {path} is not a usable inbox database ({exc}); move it aside and "
-            "restart (pushes resent by the service then show again)"
-        )
-        raise MailpushError(msg) from None
-    return conn
-
-
-def _restrict_mode(path: Path) -> None:
-    """Set ``path`` to mode 0600 if group or others may access it, with a warning."""
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        return
-    if not mode & 0o077:
-        return
-
-    try:
-        path.chmod(0o600)
-    except OSError as exc:
-        msg = (
-            f"inbox: {path} is readable by other users (mode {mode:04o}) and cannot be "
-            f"changed ({exc.strerror}); run: chmod 600 {path}"
-        )
-        raise MailpushError(msg) from None
-    logger.warning("inbox: %s was readable by other users (mode %04o); set it to 0600", path, mode)
-
-
-def _prepare(conn: sqlite3.Connection) -> None:
-    """Set the journal mode and create or check the schema."""
-    conn.execute("PRAGMA journal_mode = WAL")
-    # FULL syncs every commit, so a push that was acknowledged survives a power cut.
-    conn.execute("PRAGMA synchronous = FULL")
-
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    if version > _SCHEMA_VERSION:
-        msg = f"schema version {version} is newer than this mailpush ({_SCHEMA_VERSION})"
-        raise sqlite3.DatabaseError(msg)
-
-    # IMMEDIATE takes the write lock at once: in WAL mode a deferred BEGIN that
-    # turns into a write fails at once with "database is locked" while another
-    # connection writes, instead of waiting out the busy timeout.
-    conn.executescript(
-        "BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
-    )

@@ -23,7 +23,6 @@ that in the same transaction that queues the pushes.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -32,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from mailpush.errors import MailpushError
+from mailpush.sqlite_files import open_private_database
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +116,13 @@ class Outbox:
         self.routed_ttl_s = max(routed_ttl_s, ttl_s)
         self._clock = clock
         self._lock = threading.Lock()
-        self._conn = _open_database(self.path)
+        self._conn = open_private_database(
+            self.path,
+            name="outbox",
+            schema=_SCHEMA,
+            version=_SCHEMA_VERSION,
+            damaged_hint="the pushes queued in it are then lost",
+        )
 
     def close(self) -> None:
         """Close the database; calling it again does nothing."""
@@ -328,47 +333,3 @@ def _insert_push(
         (user, push.terminal, push.push_id, mail_id, push.kind, bytes(push.payload), now),
     ).rowcount
     return inserted > 0
-
-
-def _open_database(path: Path) -> sqlite3.Connection:
-    """Open or create the outbox database, or raise one-line MailpushError."""
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Create the file 0600 first: SQLite would use the umask, and its
-        # -wal and -shm files copy the main file's mode.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    except OSError as exc:
-        msg = f"outbox: cannot create {path}: {exc.strerror}; check the folder's owner and mode"
-        raise MailpushError(msg) from None
-
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    try:
-        _prepare(conn)
-    except sqlite3.DatabaseError as exc:
-        conn.close()
-        msg = (
-            f"outbox: {path} is not a usable outbox database ({exc}); move it aside and "
-            "restart (the pushes queued in it are then lost)"
-        )
-        raise MailpushError(msg) from None
-    return conn
-
-
-def _prepare(conn: sqlite3.Connection) -> None:
-    """Set the journal mode and create or check the schema."""
-    conn.execute("PRAGMA journal_mode = WAL")
-    # FULL syncs the WAL on every commit, so a power cut loses no committed push;
-    # an application crash alone would lose nothing with NORMAL either.
-    conn.execute("PRAGMA synchronous = FULL")
-
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    if version > _SCHEMA_VERSION:
-        msg = f"schema version {version} is newer than this mailpush ({_SCHEMA_VERSION})"
-        raise sqlite3.DatabaseError(msg)
-
-    # IMMEDIATE takes the write lock at once: in WAL mode a deferred BEGIN that
-    # turns into a write fails at once with "database is locked" while another
-    # connection writes, instead of waiting out the busy timeout.
-    conn.executescript(
-        "BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
-    )
