@@ -20,7 +20,7 @@ from mailpush.errors import ConfigError
 from mailpush.protocol.broker_url import BrokerAddress, parse_broker_url
 from mailpush.protocol.ids import is_valid_id, validate_id
 from mailpush.protocol.topics import DEFAULT_ROOT
-from mailpush.secrets import read_secret
+from mailpush.secrets import PasswordSources
 from mailpush.sensors.registry import PluginEntry
 from mailpush.tables import parse_dataclass
 
@@ -48,7 +48,7 @@ def default_state_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class BrokerSettings:
+class BrokerSettings(PasswordSources):
     """The ``[broker]`` table."""
 
     url: str = DEFAULT_BROKER_URL
@@ -60,15 +60,6 @@ class BrokerSettings:
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     keepalive_s: int = 60
     topic_root: str = DEFAULT_ROOT
-
-    def password(self) -> str | None:
-        """Read the broker password from its configured source, if any."""
-        return read_secret(
-            "broker",
-            file=self.password_file,
-            env=self.password_env,
-            command=self.password_command,
-        )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,24 @@ from mailpush.errors import ConfigError
 REDACTED = "********"
 
 
+class PasswordSources:
+    """Mixin for a config table with ``password_file``, ``password_env`` and ``password_command``."""
+
+    password_file: str | None
+    password_env: str | None
+    password_command: list[str] | None
+    secret_key = "broker"
+
+    def password(self) -> str | None:
+        """Read the password from the one source that is set, or return None."""
+        return read_secret(
+            self.secret_key,
+            file=self.password_file,
+            env=self.password_env,
+            command=self.password_command,
+        )
+
+
 def read_secret(
     key: str,
     *,

@@ -40,7 +40,7 @@ def _setup_logging(level: str) -> None:
     )
     # amqtt logs every connection and packet at INFO and DEBUG, and imapclient
     # logs whole FETCH responses, mail bodies included, at DEBUG. Mail bodies
-    # must never reach a log, so these stay at WARNING whatever --log-level says.
+    # must never reach a log, so these stay at WARNING whatever --log-level is.
     for noisy in ("amqtt", "transitions", "imapclient"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     # amqtt warns about undelivered messages and malformed CONNECTs (every MQTT 5
@@ -100,8 +100,8 @@ def demo(
     address = str(config.address) if config.address else f"mqtt://{config.broker.listen}"
 
     service = PushService(config)
-    # The embedded broker speaks MQTT 3.1.1 only; saying so spares the agent
-    # its wait for an MQTT 5 answer that never comes.
+    # The embedded broker speaks MQTT 3.1.1 only. Setting that in the agent's
+    # config spares it the wait for an MQTT 5 CONNACK that never comes.
     protocol = "3.1.1" if config.embedded else "auto"
     agent_config = config.state_dir / "demo-agent.toml"
     agent_config.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def demo(
                 agent.kill()
 
     def stop_all() -> None:
-        # The agent goes first, so it says goodbye while the broker still runs.
+        # The agent stops first, so it publishes its `off` state while the broker still runs.
         stop_agent()
         service.stop()
 

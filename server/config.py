@@ -20,7 +20,7 @@ from mailpush.errors import ConfigError
 from mailpush.protocol.broker_url import BrokerAddress, parse_broker_url
 from mailpush.protocol.ids import is_valid_id, validate_id
 from mailpush.protocol.topics import DEFAULT_ROOT
-from mailpush.secrets import read_secret
+from mailpush.secrets import PasswordSources, read_secret
 from mailpush.server.mailbox.imap import ImapConfig
 from mailpush.tables import parse_table
 
@@ -61,7 +61,7 @@ def default_user() -> str:
 
 
 @dataclass(frozen=True)
-class BrokerSettings:
+class BrokerSettings(PasswordSources):
     """The ``[broker]`` table; no ``url`` means the embedded broker."""
 
     url: str | None = None
@@ -76,15 +76,6 @@ class BrokerSettings:
     accounts_file: str | None = None
     """The embedded broker's password file (``user:argon2-hash`` lines); with it,
     only listed accounts may connect, and ``listen`` may name a non-loopback address."""
-
-    def password(self) -> str | None:
-        """Read the service's broker password from its configured source, if any."""
-        return read_secret(
-            "broker",
-            file=self.password_file,
-            env=self.password_env,
-            command=self.password_command,
-        )
 
 
 @dataclass(frozen=True)
