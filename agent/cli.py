@@ -358,8 +358,8 @@ def _full_dict(value: Any) -> Any:
 def _probe_sensors(
     plugins: dict[str, PluginEntry], settings: AgentConfig | None, include_disabled: bool = False
 ) -> dict[str, dict[str, Any]]:
-    # The plugins log their problems at WARNING when they start; here the
-    # table printed below says the same, so the log would only repeat it.
+    # The plugins log their problems at WARNING when they start, and the table
+    # printed below shows the same reasons, so the log would only repeat them.
     sensors_log = logging.getLogger("mailpush.sensors")
     level = sensors_log.level
     sensors_log.setLevel(logging.ERROR)

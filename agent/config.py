@@ -72,7 +72,7 @@ class ReceiverSettings:
 
 @dataclass(frozen=True)
 class PositionSettings:
-    """The ``[position]`` table: where this terminal stands, as the user names it."""
+    """The ``[position]`` table: the zone this terminal is in, as the user names it."""
 
     zone: str | None = None
 

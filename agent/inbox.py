@@ -22,8 +22,7 @@ import builtins
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import msgspec
@@ -31,7 +30,7 @@ import platformdirs
 
 from mailpush.errors import PayloadError
 from mailpush.protocol.messages import Push, decode, encode
-from mailpush.sqlite_files import open_private_database
+from mailpush.sqlite_files import immediate_transaction, open_private_database
 
 logger = logging.getLogger(__name__)
 
@@ -164,17 +163,9 @@ class Inbox:
             ).rowcount
         return changed > 0
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """Hold the lock and run one transaction, committed before the caller goes on."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.rollback()
-                raise
-            self._conn.commit()
+        return immediate_transaction(self._conn, self._lock)
 
 
 def _restore(push_id: str, payload: bytes, seen: int) -> Push | None:

@@ -1,4 +1,4 @@
-"""The agent's main loop: read sensors, fuse, publish, answer probes.
+"""The agent's main loop: read sensors, fuse, publish, respond to probes.
 
 Sensors run on their own schedule: event plugins (input, PIR) wake the loop,
 polled plugins (power, temperature) are read when due. The loop publishes a

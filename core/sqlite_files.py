@@ -8,6 +8,9 @@ import logging
 import os
 import sqlite3
 import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mailpush.errors import MailpushError
@@ -101,3 +104,23 @@ def _prepare(conn: sqlite3.Connection, schema: str, version: int) -> None:
     # turns into a write fails at once with "database is locked" while another
     # connection writes, instead of waiting out the busy timeout.
     conn.executescript("BEGIN IMMEDIATE;" + schema + f"PRAGMA user_version = {version}; COMMIT;")
+
+
+@contextmanager
+def immediate_transaction(
+    conn: sqlite3.Connection, lock: threading.Lock
+) -> Iterator[sqlite3.Connection]:
+    """Hold ``lock`` and run one transaction, committed before the caller goes on.
+
+    BEGIN IMMEDIATE takes SQLite's write lock up front, so another process
+    that opens the same file waits out the busy timeout instead of failing
+    half-way through. An exception rolls the transaction back and propagates.
+    """
+    with lock:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()

@@ -7,7 +7,7 @@ session and a 7-day session expiry, and falls back to MQTT 3.1.1 with
 broker, speaks 3.1.1 only).
 
 Retained messages are kept as "latest value per topic" and published again on
-every connect, so after a long outage the broker holds the newest state and no
+every connect, so after a long outage the broker keeps the newest state and no
 stale one is replayed. Other messages sent while offline wait in a bounded queue.
 """
 
@@ -390,8 +390,8 @@ class Link:
         log.warning("broker %s refused the connection: %s", address, reason_code)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        # MQTT 5 brokers say in the PUBACK when they drop a message, such as
-        # Mosquitto for a topic the account's ACL does not allow (0x87).
+        # An MQTT 5 broker puts a failure reason code in the PUBACK of a message
+        # it drops, such as Mosquitto's 0x87 for a topic the account's ACL denies.
         if reason_code.is_failure and not self._publish_refused:
             self._publish_refused = True
             log.warning(

@@ -57,7 +57,7 @@ class Power(_Part, kw_only=True):
 
 
 class Position(_Part, kw_only=True):
-    """Where the terminal is relative to its user."""
+    """The terminal's place relative to its user: a named zone and a proximity."""
 
     zone: str | None = None
     proximity: Fraction | None = None
@@ -103,7 +103,7 @@ class AgentInfo(_Part, kw_only=True):
 
 
 class DeviceAttributes(_Payload, kw_only=True):
-    """What a terminal is and can show, retained on its ``attributes`` topic."""
+    """A terminal's kind and display capabilities, retained on its ``attributes`` topic."""
 
     kind: DeviceKind
     name: str = ""
@@ -122,7 +122,7 @@ class Attachment(_Part, kw_only=True):
 
 
 class MailSummary(_Part, kw_only=True):
-    """What a push tells about one mail."""
+    """The summary of one mail that a push carries."""
 
     id: str
     message_id: str = ""

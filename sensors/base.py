@@ -59,7 +59,7 @@ else:  # pragma: no cover - exercised on macOS and Windows only
 
 
 class Mode(Enum):
-    """How a plugin delivers readings."""
+    """The way a plugin delivers readings: by callbacks or when polled."""
 
     EVENTS = "events"
     POLLED = "polled"
@@ -161,5 +161,5 @@ class SensorPlugin:
         return SensorStatus.ok()
 
     def attributes(self) -> Mapping[str, object]:
-        """Return the DeviceAttributes fields this plugin knows."""
+        """Return the DeviceAttributes fields this plugin can fill in."""
         return {}

@@ -26,12 +26,12 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple
 
-from mailpush.sqlite_files import open_private_database
+from mailpush.sqlite_files import immediate_transaction, open_private_database
 
 logger = logging.getLogger(__name__)
 
@@ -302,19 +302,9 @@ class Outbox:
             (routed,) = conn.execute("SELECT COUNT(*) FROM routed").fetchone()
         return {"unacknowledged": unacked, "acknowledged": acked, "routed": routed}
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """Hold the lock and run one write transaction, committed on success."""
-        with self._lock:
-            # BEGIN IMMEDIATE takes the write lock up front, so a second process
-            # opening the same file waits (busy timeout) instead of failing mid-way.
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.rollback()
-                raise
-            self._conn.commit()
+        return immediate_transaction(self._conn, self._lock)
 
 
 def _check_kind(kind: str) -> None:

@@ -50,8 +50,8 @@ EXPIRE_EVERY_S = 60.0
 TICK_S = 1.0
 RETAINED_GRACE_S = 0.3
 BROKER_WAIT_S = 10.0
-# How long after a broker connect a mail waits for terminals whose will said
-# "connection-lost" to report again; agents reconnect with backoff from 0.5 s.
+# How long after a broker connect a mail waits for terminals whose will reported
+# "connection-lost" to publish a state again. Agents reconnect with backoff from 0.5 s.
 RECONNECT_GRACE_S = 10.0
 # Retained messages arrive right after a connect; a policy not among them by
 # then was lost by the broker.

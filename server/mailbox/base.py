@@ -51,7 +51,7 @@ class RetryLater(Exception):  # noqa: N818 - it names what the watcher does, not
     """Raised by ``on_mail`` when a mail cannot be handled yet.
 
     The watcher offers the same mail again after its retry interval and logs
-    at DEBUG only, because the callback has already said why.
+    at DEBUG only, because the callback has already logged the reason.
     """
 
 
