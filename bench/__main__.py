@@ -12,14 +12,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import push_path, reaction, runner, scale
+from bench import push_path, reaction, runner, scale, scaleout
 from bench.footprint_section import footprint_section
 from tests.fixtures.mosquitto import Mosquitto, free_port
 
-BENCHMARKS = ("push_path", "reaction", "footprint", "scale")
+BENCHMARKS = ("push_path", "reaction", "footprint", "scale", "scaleout")
 # (push path samples, reaction samples, scale sizes, footprint idle s, storm s)
 QUICK = (50, 10, [1_000, 10_000], 10.0, 5.0)
 FULL = (1_000, 100, [1_000, 10_000, 100_000], 60.0, 30.0)
+# (scale-out users, mails per burst, failovers)
+SCALEOUT_QUICK = (20, 400, 2)
+SCALEOUT_FULL = (40, 4_000, 5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
                 section = reaction.run(default.url, default.port, reactions)
             elif name == "footprint":
                 section = footprint_section(idle_s, storm_s, args.aw_venv, args.lnxlink_venv)
-            else:
+            elif name == "scale":
                 section = scale.run(default.url, default.port, sizes)
+            else:
+                section = scaleout.run(*(SCALEOUT_QUICK if args.quick else SCALEOUT_FULL))
             runner.print_section(section)
             sections.append(section)
 

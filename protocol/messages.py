@@ -199,7 +199,19 @@ class MailStatus(_Payload, kw_only=True):
     ts: float
 
 
-Message = UsageState | DeviceAttributes | Push | Ack | Probe | Policy | MailStatus
+class ServiceInstance(_Payload, kw_only=True):
+    """A push service instance's announcement, retained while it is connected.
+
+    Its last will is an empty retained message on the same topic, so the
+    announcement disappears when the instance dies.
+    """
+
+    instance: Id
+    started: float
+    ts: float
+
+
+Message = UsageState | DeviceAttributes | Push | Ack | Probe | Policy | MailStatus | ServiceInstance
 M = TypeVar("M", bound=_Payload)
 
 

@@ -6,6 +6,9 @@ from enum import StrEnum
 from mailpush.protocol.ids import is_valid_id
 
 DEFAULT_ROOT = "mailpush/v1"
+# The level under the root for the push service's own topics. No user id can
+# take it, because an id starts with a letter or a digit.
+SERVICE_LEVEL = "_service"
 
 
 class TopicKind(StrEnum):
@@ -76,6 +79,22 @@ class Topics:
     def mailstatus(self, user: str) -> str:
         """Return the topic a user's terminals report read state on."""
         return f"{self.root}/{user}/mailstatus"
+
+    def service_instance(self, instance: str) -> str:
+        """Return the retained topic on which a push service instance announces itself."""
+        return f"{self.root}/{SERVICE_LEVEL}/instances/{instance}"
+
+    def service_instances(self) -> str:
+        """Return the subscription filter for the announcements of every service instance."""
+        return self.service_instance("+")
+
+    def parse_service_instance(self, topic: str) -> str | None:
+        """Return the instance id of an announcement topic, or None for any other topic."""
+        prefix = self.service_instance("")
+        if not topic.startswith(prefix):
+            return None
+        instance = topic[len(prefix) :]
+        return instance if is_valid_id(instance) else None
 
     def all_users(self, kind: TopicKind) -> str:
         """Return a subscription filter for ``kind`` across every user and terminal."""

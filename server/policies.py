@@ -104,8 +104,13 @@ class PolicyStore:
         path = self._path(user)
         try:
             self._directory.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(".tmp")
-            temporary.write_bytes(encode(policy))
+            # One temporary name per process: instances that share the state
+            # folder store the same policy at the same moment.
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            with temporary.open("wb") as file:
+                file.write(encode(policy))
+                file.flush()
+                os.fsync(file.fileno())
             os.replace(temporary, path)
         except OSError as exc:
             log.warning("policy of %s: cannot store it in %s: %s", user, path, exc)

@@ -1,16 +1,17 @@
 """The push service: mailbox watchers, terminal registry, policy, router and outbox.
 
-One :class:`PushService` serves every configured user. Each mailbox has a
-watcher thread, and MQTT messages (states, attributes, acks, policies, read
-states) arrive on the link's network thread. The main thread resends
+One :class:`PushService` serves the configured users it owns: alone, all of
+them; beside other instances on the same broker and state folder, its share
+(see :mod:`mailpush.server.membership`). Each owned mailbox has a watcher
+thread, and MQTT messages (states, attributes, acks, policies, read states,
+other instances' announcements) arrive on the link's network thread. The main
+thread starts and stops watchers as users change hands, resends
 unacknowledged pushes and expires old ones.
 """
 
 import logging
-import queue
 import threading
 import time
-import uuid
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -19,29 +20,29 @@ from mailpush.errors import MailpushError, PayloadError
 from mailpush.protocol.broker_url import BrokerAddress
 from mailpush.protocol.droplog import DropLog
 from mailpush.protocol.ids import service_client_id
-from mailpush.protocol.link import Link, LinkOptions
+from mailpush.protocol.link import Link, LinkOptions, Will
 from mailpush.protocol.messages import (
     Ack,
     DeviceAttributes,
     MailStatus,
-    MailSummary,
-    Push,
+    ServiceInstance,
     UsageState,
     decode,
     encode,
 )
 from mailpush.protocol.topics import TopicKind, TopicRef, Topics
 from mailpush.server.broker import EmbeddedBroker
-from mailpush.server.config import ImapMailbox, MaildirMailbox, ServerConfig, UserSettings
-from mailpush.server.mailbox.base import MailboxWatcher, NewMail, RetryLater
-from mailpush.server.mailbox.imap import ImapWatcher
-from mailpush.server.mailbox.maildir import MaildirWatcher
+from mailpush.server.config import ServerConfig, UserSettings
+from mailpush.server.mailbox.base import NewMail, RetryLater
 from mailpush.server.mailbox.state import StateStore
+from mailpush.server.membership import Membership
 from mailpush.server.outbox import Outbox
 from mailpush.server.policies import PolicyStore
+from mailpush.server.read_state import ReadStateRelay
 from mailpush.server.registry import Registry
 from mailpush.server.router import Router
 from mailpush.server.summary import summarize
+from mailpush.server.watchers import WatcherPool
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ RECONNECT_GRACE_S = 10.0
 # Retained messages arrive right after a connect; a policy not among them by
 # then was lost by the broker.
 POLICY_RESTORE_AFTER_S = 2.0
+# After a reconnect, how long the set of live instances is rebuilt from the
+# retained announcements before users change hands on it.
+MEMBERSHIP_SETTLE_S = 1.0
+# How long a clean stop waits for the broker to take the announcement away.
+WITHDRAW_TIMEOUT_S = 2.0
 
 
 class PushService:
@@ -67,17 +73,19 @@ class PushService:
         self.registry = Registry()
         self._users = {user.id: user for user in config.users}
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._drops = DropLog(log)
-        self._watcher_errors: dict[str, MailpushError] = {}
         self._held: set[str] = set()
         self._connected_at = float("-inf")
         self._policies_heard: set[str] = set()
         self._policies_checked = True
-        self._watchers: dict[str, MailboxWatcher] = {}
-        self._read_state: queue.Queue[tuple[str, MailStatus] | None] = queue.Queue()
-        # NOTE: the last read state reported per mail lives in memory only, so
-        # after a restart a mailbox change may be reported to the terminals twice.
-        self._seen: dict[tuple[str, str], bool] = {}
+        self._router: Router | None = None
+        self._watchers: WatcherPool | None = None
+        self._owned: frozenset[str] = frozenset()
+        self.membership = Membership(
+            config.service.instance, self._users, MEMBERSHIP_SETTLE_S, on_change=self._wake.set
+        )
+        self._read_states: ReadStateRelay | None = None
         self.policies = PolicyStore(config.state_dir / "policies")
         self.outbox: Outbox | None = None
         self.link: Link | None = None
@@ -87,6 +95,12 @@ class PushService:
     def stop(self) -> None:
         """Ask the service to stop; safe from a signal handler."""
         self._stop.set()
+        self._wake.set()
+
+    @property
+    def owned(self) -> frozenset[str]:
+        """The users whose mail this instance routes now."""
+        return self._owned
 
     def run(self) -> None:
         """Start everything, serve until :meth:`stop`, then shut down in reverse order.
@@ -101,7 +115,7 @@ class PushService:
             store = StateStore(state_dir / "mailboxes.sqlite3")
             stack.callback(store.close)
             # Mailboxes are checked (and passwords read) before anything listens.
-            self._watchers = {user.id: _make_watcher(user, store) for user in self.config.users}
+            self._watchers = WatcherPool(self._users, store, self._on_mail, self._on_mailbox_flags)
 
             address = self._start_broker(stack)
             service = self.config.service
@@ -114,14 +128,21 @@ class PushService:
             if self._stop.is_set():
                 log.info("service stopped before it was ready")
                 return
-            self._start_read_state_worker(stack)
-            router = Router(service, self.registry, self.policies, self._send_probe)
-            threads = [self._start_watcher(stack, user, router) for user in self.config.users]
+            self._start_read_state_relay(stack)
+            self._router = Router(service, self.registry, self.policies, self._send_probe)
+            stack.callback(self._watchers.close)
+            # The retained announcements arrived with the other retained messages.
+            self.membership.trust_now()
+            self._apply_ownership()
             log.info(
-                "service %s ready: %d users, broker %s", service.instance, len(threads), address
+                "service %s ready: %d of %d users, broker %s",
+                service.instance,
+                len(self._owned),
+                len(self._users),
+                address,
             )
             self.ready.set()
-            self._serve(threads)
+            self._serve()
         log.info("service stopped")
 
     # Start-up
@@ -147,17 +168,25 @@ class PushService:
     def _connect(self, stack: ExitStack, address: BrokerAddress) -> None:
         broker = self.config.broker
         protocol = "3.1.1" if self.config.embedded else broker.protocol
+        instance = self.config.service.instance
+        announcement = self.topics.service_instance(instance)
         link = Link(
             LinkOptions(
                 address=address,
-                client_id=service_client_id(self.config.service.instance),
+                client_id=service_client_id(instance),
                 username=broker.username,
                 password=broker.password(),
                 ca_file=broker.ca_file,
                 protocol=protocol,
             ),
+            will=Will(announcement, lambda: b""),
             on_connected=self._on_link_connected,
         )
+        now = round(time.time(), 3)
+        link.publish_retained(
+            announcement, encode(ServiceInstance(instance=instance, started=now, ts=now))
+        )
+        link.subscribe(self.topics.service_instances(), self._on_instance)
         for kind, handler in (
             (TopicKind.STATE, self._on_state),
             (TopicKind.ATTRIBUTES, self._on_attributes),
@@ -168,6 +197,7 @@ class PushService:
             link.subscribe(self.topics.all_users(kind), partial(self._dispatch, kind, handler))
         link.start()
         stack.callback(link.stop)
+        stack.callback(_withdraw, link, announcement)
         self.link = link
 
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
@@ -186,45 +216,46 @@ class PushService:
         if link.wait_subscribed(CONNECT_TIMEOUT_S):
             time.sleep(RETAINED_GRACE_S)
 
-    def _start_watcher(
-        self, stack: ExitStack, user: UserSettings, router: Router
-    ) -> threading.Thread:
-        watcher = self._watchers[user.id]
-        on_mail = partial(self._on_mail, user, router)
-        on_flags = partial(self._on_mailbox_flags, user.id)
-        thread = threading.Thread(
-            target=self._watch,
-            args=(user.id, watcher, on_mail, on_flags),
-            name=f"mailbox-{user.id}",
-            daemon=True,
-        )
-        thread.start()
-        stack.callback(thread.join, 10)
-        return thread
-
-    def _watch(self, user: str, watcher: MailboxWatcher, on_mail, on_flags) -> None:
-        try:
-            watcher.run(on_mail, self._stop, on_flags)
-        except MailpushError as exc:
-            log.error("mailbox of %s stopped: %s", user, exc)
-            self._watcher_errors[user] = exc
-        except Exception:
-            log.exception("mailbox watcher of %s failed", user)
-            self._watcher_errors[user] = MailpushError(
-                f"mailbox watcher of {user} failed; see the log"
+    def _apply_ownership(self) -> None:
+        """Start the watchers of users this instance gained, stop those of users it lost."""
+        owned = self.membership.owned()
+        if owned is None or owned == self._owned:
+            return
+        assert self._watchers is not None
+        lost, gained = self._owned - owned, owned - self._owned
+        self._owned = owned
+        for user in sorted(lost):
+            self._watchers.hand_over(user)
+        for user in sorted(gained):
+            self._watchers.start(user)
+        if self.ready.is_set() or len(self.membership.live) > 1:
+            log.info(
+                "instance %s routes %d of %d users (gained %d, handed over %d; live: %s)",
+                self.membership.me,
+                len(owned),
+                len(self._users),
+                len(gained),
+                len(lost),
+                ", ".join(sorted(self.membership.live)),
             )
 
     # Main loop
 
-    def _serve(self, watchers: list[threading.Thread]) -> None:
+    def _serve(self) -> None:
         next_expiry = 0.0
-        while not self._stop.wait(TICK_S):
+        while True:
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             if self.link is not None and self.link.fatal_error is not None:
                 raise self.link.fatal_error
-            if watchers and not any(thread.is_alive() for thread in watchers):
+            self._apply_ownership()
+            assert self._watchers is not None
+            if self._watchers.all_stopped():
                 self._stop.set()
                 raise next(
-                    iter(self._watcher_errors.values()),
+                    iter(self._watchers.errors.values()),
                     MailpushError("every mailbox watcher stopped"),
                 )
 
@@ -238,6 +269,8 @@ class PushService:
     def _resend_due(self) -> None:
         assert self.outbox is not None
         for due in self.outbox.due():
+            if due.user not in self._owned:
+                continue
             record = self.registry.terminals(due.user).get(due.terminal)
             if record is None or record.state is None or record.state.state == "off":
                 continue
@@ -245,8 +278,10 @@ class PushService:
 
     # Mail
 
-    def _on_mail(self, user: UserSettings, router: Router, mail: NewMail) -> None:
-        assert self.outbox is not None
+    def _on_mail(self, user: UserSettings, mail: NewMail) -> None:
+        assert self.outbox is not None and self._router is not None
+        if user.id not in self._owned:
+            raise RetryLater(f"{user.id} was handed to another instance")
         if self.outbox.routed(user.id, mail.mail_id):
             log.debug("mail %s of %s was routed before; skipped", mail.mail_id, user.id)
             return
@@ -267,7 +302,7 @@ class PushService:
         self._await_reconnected_terminals(user.id)
 
         summary = summarize(mail.raw, mail.mail_id, mail.seen)
-        routed = router.route(user, summary)
+        routed = self._router.route(user, summary)
         if not self.outbox.record_routing(user.id, mail.mail_id, routed.pushes):
             return
         for push in routed.pushes:
@@ -275,6 +310,7 @@ class PushService:
         log.info("mail %s of %s: %s", mail.mail_id, user.id, routed.decision.reason)
 
     def _on_link_connected(self) -> None:
+        self.membership.reset()
         self._connected_at = time.monotonic()
         self._policies_heard = set()
         self._policies_checked = False
@@ -291,7 +327,7 @@ class PushService:
         if time.monotonic() - self._connected_at < POLICY_RESTORE_AFTER_S:
             return
         self._policies_checked = True
-        for user in self._users:
+        for user in sorted(self._owned):
             policy = self.policies.stored(user)
             if policy is None or user in self._policies_heard:
                 continue
@@ -345,6 +381,24 @@ class PushService:
 
     # MQTT messages (network thread)
 
+    def _on_instance(self, topic: str, payload: bytes) -> None:
+        instance = self.topics.parse_service_instance(topic)
+        if instance is None:
+            self._drops.drop(topic, "invalid topic (instance id not valid)")
+            return
+        if not payload:
+            self.membership.heard(instance, alive=False)
+            return
+        try:
+            announcement = decode(payload, ServiceInstance)
+        except PayloadError as exc:
+            self._drops.drop(topic, str(exc))
+            return
+        if announcement.instance != instance:
+            self._drops.drop(topic, "ServiceInstance: instance does not match the topic")
+            return
+        self.membership.heard(instance, alive=True)
+
     def _dispatch(self, kind: TopicKind, handler, topic: str, payload: bytes) -> None:
         ref = self.topics.parse(topic)
         if ref is None or ref.kind is not kind:
@@ -378,7 +432,8 @@ class PushService:
             )
         elif was_off:
             log.info("terminal %s of %s is %s", ref.terminal, ref.user, state.state)
-            self._resend_pending(ref.user, ref.terminal)
+            if ref.user in self._owned:
+                self._resend_pending(ref.user, ref.terminal)
 
     def _resend_pending(self, user: str, terminal: str) -> None:
         assert self.outbox is not None
@@ -400,6 +455,8 @@ class PushService:
     def _on_ack(self, ref: TopicRef, payload: bytes) -> None:
         assert ref.terminal is not None and self.outbox is not None
         ack = decode(payload, Ack)
+        if ref.user not in self._owned:
+            return  # the owner applies it; a push whose ack is missed is resent and ignored
         if self.outbox.ack(ref.user, ref.terminal, ack.id):
             log.debug("push %s acknowledged by %s of %s", ack.id, ref.terminal, ref.user)
 
@@ -409,85 +466,37 @@ class PushService:
 
     def _on_mailstatus(self, ref: TopicRef, payload: bytes) -> None:
         status = decode(payload, MailStatus)
-        self._read_state.put((ref.user, status))
+        if ref.user in self._owned:
+            assert self._read_states is not None
+            self._read_states.reported(ref.user, status)
 
     # Read state
 
-    def _start_read_state_worker(self, stack: ExitStack) -> None:
-        """Apply MailStatus messages on a thread of their own: IMAP round trips may be slow."""
-        thread = threading.Thread(target=self._apply_read_states, name="read-state", daemon=True)
-        thread.start()
-
-        def stop_worker() -> None:
-            self._read_state.put(None)
-            thread.join(10)
-
-        stack.callback(stop_worker)
-
-    def _apply_read_states(self) -> None:
-        while True:
-            item = self._read_state.get()
-            if item is None:
-                return
-            user, status = item
-            try:
-                self._apply_read_state(user, status)
-            except Exception:
-                log.exception("read state of mail %s of %s could not be applied", status.mail, user)
-
-    def _apply_read_state(self, user: str, status: MailStatus) -> None:
-        word = "read" if status.seen else "unread"
-        watcher = self._watchers.get(user)
-        if watcher is not None and watcher.set_seen(status.mail, status.seen):
-            log.info("mail %s of %s marked %s by %s", status.mail, user, word, status.by)
-        else:
-            log.info(
-                "mail %s of %s marked %s by %s; the mailbox could not be updated",
-                status.mail,
-                user,
-                word,
-                status.by,
-            )
-        self._seen[(user, status.mail)] = status.seen
-        self._send_status(
-            user, status.mail, status.seen, skip=status.by, reason=f"marked {word} on {status.by}"
+    def _start_read_state_relay(self, stack: ExitStack) -> None:
+        assert self.link is not None
+        assert self.outbox is not None
+        assert self._watchers is not None
+        self._read_states = ReadStateRelay(
+            self.topics,
+            self.registry,
+            self.link.publish,
+            self._watchers.watcher,
+            self.outbox.routed,
         )
+        self._read_states.start()
+        stack.callback(self._read_states.close)
 
     def _on_mailbox_flags(self, user: str, mail_id: str, seen: bool) -> None:
-        """Report a read-state change made in the mailbox (another mail client) to the terminals."""
-        if self._seen.get((user, mail_id)) == seen:
-            return
-        assert self.outbox is not None
-        if not self.outbox.routed(user, mail_id):
-            return  # the terminals never got this mail, so there is nothing to update
-        self._seen[(user, mail_id)] = seen
-        word = "read" if seen else "unread"
-        log.info("mail %s of %s marked %s in the mailbox", mail_id, user, word)
-        self._send_status(user, mail_id, seen, skip=None, reason=f"marked {word} in the mailbox")
-
-    def _send_status(
-        self, user: str, mail_id: str, seen: bool, skip: str | None, reason: str
-    ) -> None:
-        assert self.link is not None
-        push = Push(
-            id=uuid.uuid4().hex,
-            kind="status",
-            mail=MailSummary(id=mail_id, seen=seen),
-            reason=reason,
-            ts=round(time.time(), 3),
-        )
-        payload = encode(push)
-        for terminal in self.registry.terminals(user):
-            if terminal != skip:
-                self.link.publish(self.topics.inbox(user, terminal), payload)
+        if self._read_states is not None:
+            self._read_states.mailbox_changed(user, mail_id, seen)
 
 
-def _make_watcher(user: UserSettings, store: StateStore) -> MailboxWatcher:
-    mailbox = user.mailbox
-    if isinstance(mailbox, MaildirMailbox):
-        if mailbox.create:
-            for sub in ("cur", "new", "tmp"):
-                (mailbox.path / sub).mkdir(parents=True, exist_ok=True)
-        return MaildirWatcher(mailbox.path, store)
-    assert isinstance(mailbox, ImapMailbox)
-    return ImapWatcher(mailbox.imap_config(), store)
+def _withdraw(link: Link, topic: str) -> None:
+    """Take this instance's announcement away before a clean disconnect, which fires no will."""
+    info = link.publish(topic, b"", retain=True)
+    if info is None:
+        return
+    try:
+        info.wait_for_publish(WITHDRAW_TIMEOUT_S)
+    except (RuntimeError, ValueError):
+        log.debug("announcement %s not withdrawn: the broker connection is gone", topic)
