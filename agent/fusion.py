@@ -178,7 +178,7 @@ class _Memory:
 def _continue_session(previous: "Fused", last_input: float | None, config: FusionConfig) -> _Memory:
     """Count input that continues an active session with no gap longer than the active window.
 
-    The input plugin wakes the agent only on the first input after a quiet
+    The input plugin wakes the agent only on the first few inputs after a quiet
     spell, so an active session may show a much later input at the next fusion.
     """
     memory = dataclasses.replace(previous._memory, continuing=False)

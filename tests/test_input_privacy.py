@@ -152,4 +152,23 @@ def test_activity_touch_takes_no_event_data():
     parameters = inspect.signature(ActivityClock.touch).parameters
 
     assert list(parameters) == ["self"]
-    assert ActivityClock.__slots__ == ("last_input", "_wake", "_wake_after_s")
+    assert ActivityClock.__slots__ == (
+        "last_input",
+        "_wake",
+        "_wake_after_s",
+        "_wake_events",
+        "_wakes_left",
+        "_read_since_wake",
+    )
+
+
+def test_activity_wake_state_is_a_count_and_flag():
+    clock = ActivityClock(lambda: None, 1.0, 3)
+
+    for _ in range(5):
+        clock.touch()
+        clock.read()
+
+    assert type(clock._wakes_left) is int
+    assert 0 <= clock._wakes_left <= 3
+    assert type(clock._read_since_wake) is bool

@@ -7,7 +7,8 @@ Two backends sense input: pynput (X11, Windows, macOS) and evdev (Linux
 
 Privacy: the backends call :meth:`ActivityClock.touch` with no arguments, so
 no key code, character or pointer position reaches this module. The only
-value kept is the :func:`clock` time of the last event.
+value kept from the input is the :func:`clock` time of the last event. The
+rule for waking the agent adds a count of wakes and a flag.
 """
 
 import logging
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 BACKEND_ENV = "MAILPUSH_INPUT_BACKEND"
 BACKENDS = ("auto", "pynput", "evdev")
+# One more than the fusion's default confirm_events (2), so a confirm_events
+# of 3 also turns active without waiting for the agent's periodic fusion.
+WAKE_EVENTS = 3
 
 
 @dataclass(frozen=True)
@@ -47,14 +51,21 @@ class InputOptions(SensorPlugin.Options):
             such as ``/dev/input/by-id/...`` to read; empty reads every
             keyboard, pointer and touch device. The pynput backend ignores it.
         rescan_interval_s: how often evdev looks for new or returning devices.
-        wake_after_s: the agent is woken on the first event after this many
-            seconds without input, never on every event.
+        wake_after_s: a gap of more than this many seconds between two events
+            is a quiet spell, and the event after it starts a burst.
+        wake_events: how many events of a burst wake the agent, each only once
+            the agent has read the sensor since the previous wake. The fusion
+            needs ``fusion.confirm_events`` of them to turn ``active`` at once.
+            Later events of the burst do not wake it. Limitation: nothing checks
+            it against ``fusion.confirm_events``, because a sensor plugin does
+            not see the fusion settings.
     """
 
     backend: Literal["auto", "pynput", "evdev"] = "auto"
     devices: list[str] = field(default_factory=list)
     rescan_interval_s: float = 5.0
     wake_after_s: float = 1.0
+    wake_events: int = WAKE_EVENTS
 
     def __post_init__(self) -> None:
         if not 0.1 <= self.rescan_interval_s <= 3600:
@@ -69,6 +80,12 @@ class InputOptions(SensorPlugin.Options):
                 "expected a number of seconds from 0 to 3600"
             )
             raise ConfigError(msg)
+        if not 1 <= self.wake_events <= 100:
+            msg = (
+                f"sensors.input.wake_events: invalid value {self.wake_events!r}; "
+                "expected a whole number from 1 to 100"
+            )
+            raise ConfigError(msg)
         for name in self.devices:
             if not name.strip():
                 msg = "sensors.input.devices: empty device name; remove it or name a device"
@@ -78,28 +95,64 @@ class InputOptions(SensorPlugin.Options):
 class ActivityClock:
     """The time of the last input event, and the rule for waking the agent.
 
+    A burst is the run of events that follows a quiet spell. Its first
+    ``wake_events`` events wake the agent, but each one only after the agent
+    has called :meth:`read` since the previous wake. So each of those fusions
+    reads a new input time, and distinct input times are what the fusion's
+    ``confirm_events`` hysteresis counts. A storm of 1,000 events/s costs
+    ``wake_events`` wakes, not one per event.
+
     ``touch`` runs inside input callbacks: it does no I/O, no logging and no
-    allocation beyond one float, and it takes no event data at all.
+    allocation beyond one float, and it takes no event data at all. Besides
+    that time, the clock keeps only a count of wakes and a flag.
 
     Args:
         wake: requests a new fusion from the agent.
-        wake_after_s: wake only when the previous event is older than this.
+        wake_after_s: an event more than this many seconds after the previous
+            one starts a burst.
+        wake_events: how many events of a burst may wake the agent.
     """
 
-    __slots__ = ("last_input", "_wake", "_wake_after_s")
+    __slots__ = (
+        "last_input",
+        "_wake",
+        "_wake_after_s",
+        "_wake_events",
+        "_wakes_left",
+        "_read_since_wake",
+    )
 
-    def __init__(self, wake: WakeCallback, wake_after_s: float) -> None:
+    def __init__(
+        self, wake: WakeCallback, wake_after_s: float, wake_events: int = WAKE_EVENTS
+    ) -> None:
         self.last_input: float | None = None
         self._wake = wake
         self._wake_after_s = wake_after_s
+        self._wake_events = wake_events
+        self._wakes_left = 0
+        self._read_since_wake = True
 
     def touch(self) -> None:
-        """Record an input event now; wake the agent after a quiet spell."""
+        """Record an input event now, and wake the agent on the first events of a burst."""
         now = clock()
         previous = self.last_input
         self.last_input = now
         if previous is None or now - previous > self._wake_after_s:
+            self._wakes_left = self._wake_events
+            self._read_since_wake = True
+
+        # Two listener threads (pynput's keyboard and mouse) may run this at
+        # once. A race costs at most one wake too many or too few, and the
+        # agent's next periodic fusion reads the input time anyway.
+        if self._wakes_left and self._read_since_wake:
+            self._wakes_left -= 1
+            self._read_since_wake = False
             self._wake()
+
+    def read(self) -> float | None:
+        """Return the time of the last input event, and allow the next wake of a burst."""
+        self._read_since_wake = True
+        return self.last_input
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +261,7 @@ class InputSensor(SensorPlugin):
     def start(self, wake: WakeCallback) -> None:
         """Choose a backend and start it; a failure becomes the status, never an exception."""
         self.stop()
-        self._activity = ActivityClock(wake, self.options.wake_after_s)
+        self._activity = ActivityClock(wake, self.options.wake_after_s, self.options.wake_events)
         env = os.environ
         candidate: dict[str, EvdevBackend] = {}
 
@@ -244,8 +297,11 @@ class InputSensor(SensorPlugin):
             self._backend = None
 
     def read(self) -> Reading:
-        """Return the time of the last input event and the backend in use."""
-        last_input = self._activity.last_input if self._activity is not None else None
+        """Return the time of the last input event and the backend in use.
+
+        The read lets the next event of a burst wake the agent again.
+        """
+        last_input = self._activity.read() if self._activity is not None else None
         return Reading(last_input=last_input, details=self.details())
 
     def status(self) -> SensorStatus:
