@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in selected:
             print(f"\nrunning {name} ...", flush=True)
             if name == "push_path":
-                section = push_path.run(default.url, default.port, samples, tuned.url)
+                section = push_path.run(default.url, default.port, samples, tuned.url, tuned.port)
             elif name == "reaction":
                 section = reaction.run(default.url, default.port, reactions)
             elif name == "footprint":

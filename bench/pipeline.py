@@ -35,7 +35,6 @@ from mailpush.protocol.messages import Push, UsageState, decode, encode
 from mailpush.protocol.topics import Topics
 from mailpush.server.config import build_config
 from mailpush.server.mailbox.base import NewMail
-from mailpush.server.router import Router
 from mailpush.server.service import PushService
 
 USER = "alice"
@@ -71,7 +70,6 @@ class Pipeline:
     """
 
     service: PushService
-    router: Router
     learned: dict[str, float] = field(default_factory=dict)
     sent: dict[str, float] = field(default_factory=dict)
     shown: dict[str, float] = field(default_factory=dict)
@@ -81,7 +79,7 @@ class Pipeline:
         """Hand one mail to the service directly, the way a mailbox watcher does."""
         user = self.service.config.users[0]
         mail = NewMail(mailbox_key="bench:direct", mail_id=mail_id, raw=raw, seen=False)
-        self.service._on_mail(user, self.router, mail)
+        self.service._on_mail(user, mail)
 
     def collect_sent(self) -> None:
         """Fill :attr:`sent` from the pushes published so far."""
@@ -116,13 +114,12 @@ def running_pipeline(broker_url: str, workdir: Path, mailbox: dict[str, Any]) ->
         }
     )
     service = PushService(config)
-    router = Router(config.service, service.registry, service.policies, service._send_probe)
-    pipeline = Pipeline(service, router)
+    pipeline = Pipeline(service)
     original = service._on_mail
 
-    def timed_on_mail(user: Any, router: Router, mail: NewMail) -> None:
+    def timed_on_mail(user: Any, mail: NewMail) -> None:
         pipeline.learned.setdefault(mail.mail_id, time.time())
-        original(user, router, mail)
+        original(user, mail)
 
     original_send = service._send
     published: list[tuple[float, bytes]] = []

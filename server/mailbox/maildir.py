@@ -6,12 +6,21 @@ does, by renaming the file. It never deletes a file or changes its content. It
 finds mail in ``new/`` and ``cur/`` and remembers the unique names it has
 handled in the state store.
 
-Detection polls: every ``poll_s`` it stats ``new/`` and ``cur/``, and lists
-them with ``os.scandir`` only when one of them changed. A delivery agent writes
-a mail to ``tmp/`` and renames it into ``new/`` (the Maildir convention), which
-changes the mtime of ``new/``. A mail client that adds or removes a flag
-renames the file in ``cur/``, which changes the mtime of ``cur/``, so the same
-listing finds read-state changes of handled mail.
+A listing of both folders with ``os.scandir`` is the only source of truth, and
+everything else only decides when to list. On Linux an inotify watch on ``new/`` and ``cur/``
+wakes the watcher as soon as a file is created, renamed or deleted in either:
+a delivery agent writes a mail to ``tmp/`` and renames it into ``new/`` (the
+Maildir convention), and a mail client that adds or removes a flag renames the
+file in ``cur/``, so the same listing finds new mail and read-state changes.
+A file written straight into ``new/`` is read once its writer closes it
+(see ``folder_watch``).
+The watcher reads every queued event before it lists, so one listing covers
+every mail delivered since the previous one, however many events they caused.
+
+Every ``safety_poll_s`` it also stats both folders and lists them if the mtime
+of either changed, which catches what inotify cannot report (see the note in
+``MaildirWatcher``). Where inotify cannot be used at all (not Linux, or a limit
+is reached), it logs one warning and does the same check every ``poll_s``.
 """
 
 import logging
@@ -29,6 +38,7 @@ from mailpush.server.mailbox.base import (
     RetryLater,
     SeenTracker,
 )
+from mailpush.server.mailbox.folder_watch import FolderWatch
 from mailpush.server.mailbox.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -57,10 +67,17 @@ class MaildirWatcher:
     At the first start on a Maildir (no baseline in the store), the mail already
     there is recorded as handled and not pushed, so the user is not flooded.
 
+    NOTE: inotify does not report changes that another host makes on a
+    network file system (NFS, SMB), so there a new mail waits up to
+    ``safety_poll_s`` seconds.
+
     Args:
         path: The Maildir, the folder that contains ``cur/``, ``new/`` and ``tmp/``.
         store: The state store that remembers handled names.
-        poll_s: Seconds between two checks for changes.
+        poll_s: Seconds between two checks for changes of a folder that
+            inotify does not watch.
+        safety_poll_s: Seconds between two checks for changes while inotify
+            watches both folders.
         rescan_s: Seconds between two full listings even without a change.
         retry_s: Seconds to wait after ``on_mail`` raised before offering the mail again.
 
@@ -74,6 +91,7 @@ class MaildirWatcher:
         store: StateStore,
         *,
         poll_s: float = 0.2,
+        safety_poll_s: float = 2.0,
         rescan_s: float = 30.0,
         retry_s: float = 5.0,
     ) -> None:
@@ -89,44 +107,108 @@ class MaildirWatcher:
         self.mailbox_key = f"maildir:{self.path}"
         self.store = store
         self.poll_s = poll_s
+        self.safety_poll_s = safety_poll_s
         self.rescan_s = rescan_s
         self.retry_s = retry_s
         self._warned: set[str] = set()
         self._scan_failing = False
+        self._watch: FolderWatch | None = None
 
     def run(
         self, on_mail: MailCallback, stop: threading.Event, on_flags: FlagCallback | None = None
     ) -> None:
         """Watch the Maildir until ``stop`` is set; see ``MailboxWatcher.run``.
 
+        ``run`` returns within about 0.25 s (``folder_watch.STOP_CHECK_S``)
+        after ``stop`` is set, unless ``on_mail`` or ``on_flags`` is still running.
+
         Raises:
             ConfigError: The Maildir cannot be listed at start-up.
         """
         handled = self._load_handled()
         tracker = SeenTracker(on_flags, "maildir")
-        log.info("maildir: watching %s (%d mails already handled)", self.path, len(handled))
+        self._watch = self._open_watch()
+        detection = "with inotify" if self._watch is not None else f"every {self.poll_s:g} s"
+        log.info(
+            "maildir: watching %s %s (%d mails already handled)", self.path, detection, len(handled)
+        )
+        try:
+            self._loop(on_mail, stop, handled, tracker)
+        finally:
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
 
+    def _loop(
+        self,
+        on_mail: MailCallback,
+        stop: threading.Event,
+        handled: set[str],
+        tracker: SeenTracker,
+    ) -> None:
         last_stamp: tuple[int, int] | None = None
         last_full_scan = time.monotonic()
+        polled = True
         while not stop.is_set():
+            # Events are read before listing: one that arrives during the
+            # listing stays queued and wakes the next wait at once.
+            woken = self._watch is not None and self._watch.drain()
             stamp = self._folder_stamp()
+            stamp_changed = polled and (stamp != last_stamp or _is_recent(stamp))
             full_scan_due = time.monotonic() - last_full_scan >= self.rescan_s
-            if stamp != last_stamp or _is_recent(stamp) or full_scan_due:
+            if woken or stamp_changed or full_scan_due:
                 # The stamp is taken before listing, so a change during the
                 # listing shows up as a new stamp at the next check.
                 last_stamp = stamp
                 if full_scan_due:
                     last_full_scan = time.monotonic()
                     self._warned.clear()
+                # NOTE: every wake-up lists both folders in full, so its cost
+                # grows with the number of mails in the Maildir.
                 listing = self._scan()
                 if listing is not None:
                     self._track_flags(listing, handled, tracker)
                     if not self._deliver_new(listing, handled, on_mail, stop, tracker):
                         last_stamp = None
+                        polled = True
                         stop.wait(self.retry_s)
                         continue
 
+            polled = self._wait(stop)
+
+    def _open_watch(self) -> FolderWatch | None:
+        """Watch ``new/`` and ``cur/`` with inotify, or log one warning and return None."""
+        # NOTE: each watcher opens its own inotify instance, so the watchers
+        # of one user ID beyond fs.inotify.max_user_instances (128 by default) poll.
+        try:
+            return FolderWatch.open(self.path)
+        except OSError as exc:
+            log.warning(
+                "maildir: cannot watch %s with inotify (%s); checking it every %g s instead",
+                self.path,
+                exc.strerror or exc,
+                self.poll_s,
+            )
+            return None
+
+    def _wait(self, stop: threading.Event) -> bool:
+        """Wait for an inotify event, the next poll or ``stop``, and return False if an event came.
+
+        The stamp of the folders is compared after a poll only. While both
+        folders are watched, an event reports each change, and the stamp of a
+        folder that changed a moment ago would cause a listing at every wake-up.
+        """
+        watch = self._watch
+        if watch is None:
             stop.wait(self.poll_s)
+            return True
+
+        timeout = self.safety_poll_s if watch.complete else self.poll_s
+        if watch.wait(stop, timeout):
+            return False
+        if not stop.is_set():
+            watch.refresh()
+        return True
 
     def set_seen(self, mail_id: str, seen: bool) -> bool:
         """Add or remove the ``S`` flag of one mail by renaming its file; see ``MailboxWatcher``.
@@ -294,6 +376,10 @@ class MaildirWatcher:
             if stop.is_set():
                 break
             entry = found[name]
+            if self._watch is not None and self._watch.being_written(entry.path):
+                # Its last close wakes the watcher again.
+                log.debug("maildir: %s is still being written; reading it later", entry.path)
+                continue
             raw = self._read(name, entry.path)
             if raw is None:
                 continue
