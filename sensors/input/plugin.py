@@ -29,7 +29,7 @@ from mailpush.sensors.base import (
     clock,
 )
 from mailpush.sensors.input.evdev_backend import EvdevBackend, NodeAccess
-from mailpush.sensors.input.x11 import PynputBackend, x_display_problem
+from mailpush.sensors.input.x11 import HOLD_S, PynputBackend, x_display_problem
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,13 @@ class InputSensor(SensorPlugin):
         if self.options.devices:
             log.warning("sensors.input: devices applies to evdev only; pynput reads every device")
 
-        backend = PynputBackend(self._activity.touch)
+        options = self.options
+        backend = PynputBackend(
+            self._activity.touch,
+            hold_s=min(HOLD_S, options.wake_after_s / 2),
+            free_events=options.wake_events,
+            quiet_s=options.wake_after_s,
+        )
         try:
             backend.start()
         except SensorError as exc:
