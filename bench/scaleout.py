@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from bench.runner import Row, Section, Stats, goal_row
 from mailpush.server.membership import owner
 from tests.cluster import Cluster, counts
@@ -41,11 +43,12 @@ def run(users: int, mails: int, failovers: int) -> Section:
             for instance in "ab"[:count]:
                 cluster.start(instance, log_level=LOG_LEVEL)
             cluster.warm_up()
-            rates[count] = _burst(cluster, user_ids, mails)
-        section.rows.append(
-            Row(f"{count} instance{'s' * (count > 1)}: mails routed", value=rates[count],
-                unit="mails/s")
-        )  # fmt: skip
+            rates[count], cores = _burst(cluster, user_ids, mails)
+        label = f"{count} instance{'s' * (count > 1)}"
+        section.rows.append(Row(f"{label}: mails routed", value=rates[count], unit="mails/s"))
+        for part, used in cores.items():
+            section.rows.append(Row(f"  CPU of {part}", value=used, unit="cores"))
+            section.figures[f"scaleout_{count}_{part.replace(' ', '_')}_cores"] = round(used, 3)
     ratio = Row("2 instances / 1 instance", value=rates[2] / rates[1], unit="x")
     section.rows.append(goal_row(ratio, 1.6, above=True, what=""))
     section.figures["scaleout_1_mails_per_s"] = round(rates[1], 1)
@@ -84,6 +87,8 @@ class _cluster:  # noqa: N801 - used like a function in a with statement
         )
         self._broker.start()
         self._cluster = Cluster(workdir, self._broker.port, self._users)
+        assert self._broker.process is not None
+        self._cluster.broker_pid = self._broker.process.pid
         return self._cluster
 
     def __exit__(self, *_exc: object) -> None:
@@ -92,17 +97,42 @@ class _cluster:  # noqa: N801 - used like a function in a with statement
         self._folder.cleanup()
 
 
-def _burst(cluster: Cluster, user_ids: list[str], mails: int) -> float:
-    """Deliver ``mails`` spread over the users at once; return mails routed per second."""
+def _burst(cluster: Cluster, user_ids: list[str], mails: int) -> tuple[float, dict[str, float]]:
+    """Deliver ``mails`` spread over the users at once.
+
+    Returns:
+        Mails routed per second, and the CPU each part used meanwhile, in cores.
+    """
     drafts = [(user_ids[index % len(user_ids)], cluster.write_draft(user_ids[index % len(user_ids)]))
               for index in range(mails)]  # fmt: skip
+    parts = {
+        "instances": [
+            psutil.Process(running.process.pid) for running in cluster.instances.values()
+        ],
+        "broker": [psutil.Process(cluster.broker_pid)],
+        "harness": [psutil.Process()],
+    }
+    before = {part: _cpu_seconds(processes) for part, processes in parts.items()}
     started = time.monotonic()
     keys = [(user, cluster.publish_draft(user, name)) for user, name in drafts]
     arrived = cluster.arrivals(keys, ARRIVAL_TIMEOUT_S)
     if len(arrived) < len(keys):
         raise RuntimeError(f"{len(keys) - len(arrived)} of {len(keys)} mails were not pushed")
     last = max(arrival.first for arrival in arrived.values())
-    return mails / (last - started)
+    elapsed = time.monotonic() - started
+    cores = {
+        part: (_cpu_seconds(processes) - before[part]) / elapsed
+        for part, processes in parts.items()
+    }
+    return mails / (last - started), cores
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def _failovers(cluster: Cluster, user_ids: list[str], rounds: int) -> tuple[list[float], int, int]:

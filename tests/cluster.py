@@ -49,6 +49,8 @@ class Cluster:
         self.users = users
         self.topics = Topics()
         self.instances: dict[str, Running] = {}
+        self.broker_pid: int | None = None
+        """The broker's process id, where the caller started it; read by the benchmark."""
         self._lock = threading.Lock()
         self._arrivals: dict[tuple[str, str], Arrival] = {}
         self._counter = 0
