@@ -43,6 +43,10 @@ CONNACK_TIMEOUT_S = 5.0
 _UNSUPPORTED_PROTOCOL = 0x84
 _BAD_CREDENTIALS = 0x86
 _NOT_AUTHORIZED = 0x87
+# DISCONNECT reason code (MQTT 5.0 section 3.14.2.1): a client with the same id connected.
+_SESSION_TAKEN_OVER = 0x8E
+# How often a connection taken over again and again is logged.
+TAKEN_OVER_LOG_S = 60.0
 
 MessageHandler = Callable[[str, bytes], None]
 
@@ -107,6 +111,7 @@ class Link:
         self._pending_subacks: set[int] = set()
         self._stopping = threading.Event()
         self._fatal: BrokerError | None = None
+        self._taken_over_at = float("-inf")
         self._thread: threading.Thread | None = None
         self._client = self._make_client()
         self.session = secrets.token_hex(4)
@@ -411,6 +416,16 @@ class Link:
                 self._subscribed.set()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        now = time.monotonic()
+        if reason_code == _SESSION_TAKEN_OVER and now - self._taken_over_at >= TAKEN_OVER_LOG_S:
+            self._taken_over_at = now
+            log.warning(
+                "broker %s closed this connection because another client connected with the "
+                "client id %s; give each agent its own terminal id and each service its own "
+                "service.instance",
+                self._options.address,
+                self._options.client_id,
+            )
         if self._connected.is_set() and not self._stopping.is_set():
             log.info("connection to %s lost: %s", self._options.address, reason_code)
         self._connected.clear()

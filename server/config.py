@@ -178,6 +178,12 @@ def build_config(data: Mapping[str, Any], source: Path | None = None) -> ServerC
     _check_listen(broker.listen)
     service = parse_table(ServiceSettings, data.get("service", {}), "service")
     _check_service(service)
+    if address is None and service.instance != ServiceSettings.instance:
+        msg = (
+            f"service.instance is {service.instance!r} but broker.url is not set: instances on "
+            "embedded brokers cannot see each other; set broker.url to the broker they share"
+        )
+        raise ConfigError(msg)
 
     users_data = data.get("users")
     if users_data is None:

@@ -82,6 +82,7 @@ class PushService:
         self._router: Router | None = None
         self._watchers: WatcherPool | None = None
         self._owned: frozenset[str] = frozenset()
+        self._started = 0.0
         self.membership = Membership(
             config.service.instance, self._users, MEMBERSHIP_SETTLE_S, on_change=self._wake.set
         )
@@ -183,6 +184,7 @@ class PushService:
             on_connected=self._on_link_connected,
         )
         now = round(time.time(), 3)
+        self._started = now
         link.publish_retained(
             announcement, encode(ServiceInstance(instance=instance, started=now, ts=now))
         )
@@ -230,12 +232,14 @@ class PushService:
             self._watchers.start(user)
         if self.ready.is_set() or len(self.membership.live) > 1:
             log.info(
-                "instance %s routes %d of %d users (gained %d, handed over %d; live: %s)",
+                "instance %s routes %d of %d users (gained %d%s, handed over %d%s; live: %s)",
                 self.membership.me,
                 len(owned),
                 len(self._users),
                 len(gained),
+                _some(gained),
                 len(lost),
+                _some(lost),
                 ", ".join(sorted(self.membership.live)),
             )
 
@@ -397,6 +401,15 @@ class PushService:
         if announcement.instance != instance:
             self._drops.drop(topic, "ServiceInstance: instance does not match the topic")
             return
+        if instance == self.membership.me and announcement.started != self._started:
+            # Both processes take the same MQTT client id, so the broker
+            # disconnects one whenever the other connects.
+            self._drops.drop(
+                topic,
+                f"another service started at {announcement.started} uses the instance id "
+                f"{instance!r}; give each instance its own service.instance",
+            )
+            return
         self.membership.heard(instance, alive=True)
 
     def _dispatch(self, kind: TopicKind, handler, topic: str, payload: bytes) -> None:
@@ -489,6 +502,15 @@ class PushService:
     def _on_mailbox_flags(self, user: str, mail_id: str, seen: bool) -> None:
         if self._read_states is not None:
             self._read_states.mailbox_changed(user, mail_id, seen)
+
+
+def _some(users: frozenset[str], limit: int = 5) -> str:
+    """Return up to ``limit`` user ids for a log line, such as ``: alice, bob``."""
+    if not users:
+        return ""
+    names = sorted(users)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ": " + ", ".join(names[:limit]) + more
 
 
 def _withdraw(link: Link, topic: str) -> None:

@@ -141,3 +141,15 @@ def test_bad_announcements_are_dropped(cluster, mosquitto):
     first.wait_for_log(f"dropped a message on {mismatch}: ServiceInstance: instance", timeout=10)
     assert "routes" not in first.log(), "no user may move to an instance that was never valid"
     cluster.warm_up()  # a serves every user alone
+
+
+@pytest.mark.integration
+def test_duplicate_instance_id_is_named(cluster):
+    first = cluster.start("a")
+    second = cluster.start("a")
+    try:
+        first.wait_for_log("give each instance its own service.instance", timeout=15)
+        second.wait_for_log("give each instance its own service.instance", timeout=15)
+    finally:
+        second.terminate()
+        first.terminate()  # the cluster keeps only the second under the name "a"

@@ -63,6 +63,10 @@ def test_full_config_parses(tmp_path):
         ),
         ({"service": {"stale_after_s": -1}}, "service.stale_after_s: invalid value -1"),
         ({"service": {"instance": "Main"}}, "service.instance: invalid id 'Main'"),
+        (
+            {"service": {"instance": "b"}},
+            "service.instance is 'b' but broker.url is not set: instances on embedded brokers",
+        ),
         ({"users": []}, "users: expected one or more [[users]] tables"),
         ({"users": [{"mailbox": {}}]}, "users[0].id: missing"),
         ({"users": [{"id": "al/ice"}]}, "users[0].id: invalid id 'al/ice'"),
