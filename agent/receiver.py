@@ -1,9 +1,11 @@
-"""The receiving end of pushes: validate, store, acknowledge, then show.
+"""The receiving end of pushes: validate, store, hand to the notifier, acknowledge.
 
-A push is stored durably before its Ack goes out, so a crash after the Ack
-loses nothing. A crash before the Ack makes the service send the push again,
+A push is stored before its Ack goes out, so a crash or kill of the agent
+after the Ack loses nothing. A crash before the Ack makes the service send the push again,
 and the inbox recognises it by its id. A push seen before is acknowledged
 again, because the first Ack may have been lost, but it is never shown twice.
+A new push is queued for the notifier before the Ack is published, so that
+publishing the Ack does not delay the notification.
 """
 
 import logging
@@ -63,18 +65,18 @@ class Receiver:
             return
 
         is_new = self._inbox.store(push)
+        if is_new and push.kind != "status":
+            self._queue.put(push)
         self._send_ack(encode(Ack(id=push.id, ts=round(time.time(), 3))))
+
         if not is_new:
             log.debug("push %s received again; acknowledged, not shown", push.id)
-            return
-        if push.kind == "status":
+        elif push.kind == "status":
             log.info(
                 "mail %s marked %s on another terminal",
                 push.mail.id,
                 "read" if push.mail.seen else "unread",
             )
-            return
-        self._queue.put(push)
 
     def _show_loop(self) -> None:
         while True:

@@ -191,8 +191,9 @@ def _service_hop(
         started: dict[str, float] = {}
         for index in range(count + WARM_UP):
             mail_id = f"direct-{index}"
+            raw = sample_mail(index)  # built outside the timed span
             started[mail_id] = time.time()
-            pipeline.route_now(mail_id, sample_mail(index))
+            pipeline.route_now(mail_id, raw)
             pipeline.wait_shown(mail_id, SHOWN_TIMEOUT_S)
         pipeline.collect_sent()
 
@@ -220,11 +221,11 @@ def _dovecot(
             "username": dovecot.user, "password_file": str(secret),
         }  # fmt: skip
         with running_pipeline(broker_url, workdir, mailbox) as pipeline:
-            uidvalidity = dovecot.uidvalidity()
 
             def append(index: int) -> str:
                 response = appender.append("INBOX", sample_mail(index))
-                return f"{uidvalidity}-{_appended_uid(response)}"
+                uidvalidity, uid = _appended_uid(response)
+                return f"{uidvalidity}-{uid}"
 
             _warm_up(pipeline, append)
             total, server, ours = [], [], []
@@ -283,10 +284,15 @@ def _warm_up(pipeline: Pipeline, deliver: Callable[[int], str]) -> None:
     raise RuntimeError(f"no warm-up mail was shown after {WARM_UP_ATTEMPTS} attempts")
 
 
-def _appended_uid(response: bytes) -> int:
-    # RFC 4315 (UIDPLUS) APPENDUID: "[APPENDUID <uidvalidity> <uid>] Append completed."
+def _appended_uid(response: bytes) -> tuple[int, int]:
+    """Return the UIDVALIDITY and UID of an APPEND response.
+
+    RFC 4315 (UIDPLUS) APPENDUID: "[APPENDUID <uidvalidity> <uid>] Append completed."
+    Both come from the response, because INBOX may not exist before the first APPEND.
+    """
     text = response.decode() if isinstance(response, bytes) else str(response)
-    return int(text.split("APPENDUID", 1)[1].split()[1].rstrip("]"))
+    fields = text.split("APPENDUID", 1)[1].split()
+    return int(fields[0]), int(fields[1].rstrip("]"))
 
 
 def make_maildir(folder: Path) -> Path:

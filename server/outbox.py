@@ -9,10 +9,13 @@ unacknowledged pushes of a terminal again when that terminal publishes any
 state other than ``off``, and every ``resend_after_s`` while it is online. A
 push older than ``ttl_s`` expires with a log line.
 
-The store is SQLite in WAL mode with ``synchronous=FULL``. Every public method
-is one transaction that is committed before the method returns, so a SIGKILL
-or a power cut loses no operation that returned. One connection is shared by
-all threads behind a lock.
+The store is SQLite in WAL mode. Every public method that changes it is one
+transaction, committed before the method returns, so a SIGKILL loses no
+operation that returned, and each commit is synced, so a power cut loses none
+either. ``sync_every_commit=False`` saves that fsync per commit, and then an
+OS crash or a power cut can lose the commits of about the last 0.25 s (see
+:mod:`mailpush.sqlite_files`). One
+connection is shared by all threads behind a lock.
 
 Besides the pushes, the outbox records which mails were routed for a user,
 so that a mail that the mailbox watcher delivers again after a crash
@@ -24,14 +27,12 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple
 
-from mailpush.sqlite_files import immediate_transaction, open_private_database
+from mailpush.sqlite_files import PrivateDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class Outbox:
         ttl_s: seconds after which an unacknowledged push expires.
         routed_ttl_s: seconds for which a routed mail id is remembered.
         clock: wall-clock time in Unix seconds; stored times must survive restarts.
+        sync_every_commit: sync every commit to disk (``synchronous=FULL``), so
+            that a power cut loses no commit either.
 
     Raises:
         MailpushError: the file cannot be opened or is not an outbox database.
@@ -109,25 +112,26 @@ class Outbox:
         ttl_s: float = DEFAULT_TTL_S,
         routed_ttl_s: float = DEFAULT_ROUTED_TTL_S,
         clock: Callable[[], float] = time.time,
+        *,
+        sync_every_commit: bool = True,
     ) -> None:
         self.path = Path(path)
         self.resend_after_s = resend_after_s
         self.ttl_s = ttl_s
         self.routed_ttl_s = max(routed_ttl_s, ttl_s)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._conn = open_private_database(
+        self._db = PrivateDatabase(
             self.path,
             name="outbox",
             schema=_SCHEMA,
             version=_SCHEMA_VERSION,
             damaged_hint="the pushes queued in it are then lost",
+            sync_every_commit=sync_every_commit,
         )
 
     def close(self) -> None:
         """Close the database; calling it again does nothing."""
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     def __enter__(self) -> Outbox:
         return self
@@ -155,14 +159,14 @@ class Outbox:
             ValueError: ``kind`` is not ``mail`` or ``prompt``.
         """
         _check_kind(kind)
-        with self._transaction() as conn:
+        with self._db.transaction() as conn:
             return _insert_push(
                 conn, user, QueuedPush(terminal, push_id, kind, payload), mail_id, self._clock()
             )
 
     def routed(self, user: str, mail_id: str) -> bool:
         """Return whether the routing of ``mail_id`` for ``user`` was recorded."""
-        with self._transaction() as conn:
+        with self._db.read() as conn:
             row = conn.execute(
                 "SELECT 1 FROM routed WHERE user = ? AND mail_id = ?", (user, mail_id)
             ).fetchone()
@@ -186,7 +190,7 @@ class Outbox:
             _check_kind(push.kind)
 
         now = self._clock()
-        with self._transaction() as conn:
+        with self._db.transaction() as conn:
             inserted = conn.execute(
                 "INSERT OR IGNORE INTO routed (user, mail_id, routed) VALUES (?, ?, ?)",
                 (user, mail_id, now),
@@ -204,7 +208,7 @@ class Outbox:
             True if an unacknowledged push matched.
         """
         sent = self._clock() if now is None else now
-        with self._transaction() as conn:
+        with self._db.transaction() as conn:
             changed = conn.execute(
                 "UPDATE pushes SET sent = ?, attempts = attempts + 1"
                 " WHERE user = ? AND terminal = ? AND push_id = ? AND acked IS NULL",
@@ -222,7 +226,7 @@ class Outbox:
             True if an unacknowledged push matched; False for an unknown id or a
             repeated Ack.
         """
-        with self._transaction() as conn:
+        with self._db.transaction() as conn:
             changed = conn.execute(
                 "UPDATE pushes SET acked = ?"
                 " WHERE user = ? AND terminal = ? AND push_id = ? AND acked IS NULL",
@@ -235,7 +239,7 @@ class Outbox:
 
         The service sends these again when the terminal comes back.
         """
-        with self._transaction() as conn:
+        with self._db.read() as conn:
             rows = conn.execute(
                 "SELECT push_id, payload FROM pushes"
                 " WHERE user = ? AND terminal = ? AND acked IS NULL ORDER BY created, rowid",
@@ -250,7 +254,7 @@ class Outbox:
         caller calls :meth:`mark_sent` for each push it publishes.
         """
         current = self._clock() if now is None else now
-        with self._transaction() as conn:
+        with self._db.read() as conn:
             rows = conn.execute(
                 "SELECT user, terminal, push_id, payload FROM pushes"
                 " WHERE acked IS NULL AND (sent IS NULL OR sent <= ?) ORDER BY created, rowid",
@@ -272,7 +276,7 @@ class Outbox:
         """
         current = self._clock() if now is None else now
         push_cutoff = current - self.ttl_s
-        with self._transaction() as conn:
+        with self._db.transaction() as conn:
             expired = conn.execute(
                 "SELECT user, terminal, push_id, mail_id, kind, attempts FROM pushes"
                 " WHERE acked IS NULL AND created < ?",
@@ -295,16 +299,13 @@ class Outbox:
 
     def counts(self) -> dict[str, int]:
         """Return how many pushes are unacknowledged and acknowledged, and mails routed."""
-        with self._transaction() as conn:
-            unacked, acked = conn.execute(
-                "SELECT COUNT(*) - COUNT(acked), COUNT(acked) FROM pushes"
+        # One statement, so that all three counts come from one snapshot.
+        with self._db.read() as conn:
+            unacked, acked, routed = conn.execute(
+                "SELECT (SELECT COUNT(*) - COUNT(acked) FROM pushes),"
+                " (SELECT COUNT(acked) FROM pushes), (SELECT COUNT(*) FROM routed)"
             ).fetchone()
-            (routed,) = conn.execute("SELECT COUNT(*) FROM routed").fetchone()
         return {"unacknowledged": unacked, "acknowledged": acked, "routed": routed}
-
-    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        """Hold the lock and run one write transaction, committed on success."""
-        return immediate_transaction(self._conn, self._lock)
 
 
 def _check_kind(kind: str) -> None:

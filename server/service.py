@@ -9,6 +9,7 @@ thread starts and stops watchers as users change hands, resends
 unacknowledged pushes and expires old ones.
 """
 
+import gc
 import logging
 import threading
 import time
@@ -121,7 +122,12 @@ class PushService:
             address = self._start_broker(stack)
             service = self.config.service
             self.outbox = stack.enter_context(
-                Outbox(state_dir / "outbox.sqlite3", service.resend_after_s, service.outbox_ttl_s)
+                Outbox(
+                    state_dir / "outbox.sqlite3",
+                    service.resend_after_s,
+                    service.outbox_ttl_s,
+                    sync_every_commit=service.sync_every_commit,
+                )
             )
             self.policies.load(list(self._users))
 
@@ -142,6 +148,9 @@ class PushService:
                 len(self._users),
                 address,
             )
+            # Objects alive now live as long as the service. Frozen, they are
+            # skipped by full collections, which took 12-17 ms in the bench process.
+            gc.freeze()
             self.ready.set()
             self._serve()
         log.info("service stopped")
@@ -479,6 +488,8 @@ class PushService:
 
     def _on_mailstatus(self, ref: TopicRef, payload: bytes) -> None:
         status = decode(payload, MailStatus)
+        # NOTE: between an owner's death and the takeover no instance owns the
+        # user, so a read state reported in that moment is not applied.
         if ref.user in self._owned:
             assert self._read_states is not None
             self._read_states.reported(ref.user, status)

@@ -8,6 +8,7 @@ mail naming the fields, never their content or the body.
 
 import email
 import email.policy
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -37,6 +38,9 @@ ATTACHMENT_TYPE_MAX_CHARS = 255
 
 # Guards against a crafted mail whose MIME parts nest deeply enough to exhaust the stack.
 MAX_DEPTH = 30
+
+# How many parsed header values (up to HEADER_MAX_CHARS characters each) are kept for reuse.
+PARSED_HEADERS_KEPT = 128
 
 # Tags whose text is not shown to a reader.
 HIDDEN_HTML_TAGS = frozenset({"head", "script", "style", "template", "title"})
@@ -109,14 +113,39 @@ def _log_problems(mail_id: str, problems: list[str]) -> None:
         log.info("summary: mail %s is malformed; left out: %s", mail_id, ", ".join(problems))
 
 
+class _ReusingPolicy(email.policy.EmailPolicy):
+    """``email.policy.default`` that reuses the header objects it parsed before.
+
+    The default policy parses a header again on every access. Parsing and
+    summarizing one plain mail reads its Content-Type several times, and
+    most senders and content types recur from mail to mail. The email package
+    does not change a header object after creating it, so sharing one changes
+    no summary.
+    """
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        """Return the header object for ``value``, parsed once per distinct value."""
+        if hasattr(value, "name") or len(value) > HEADER_MAX_CHARS:
+            return super().header_fetch_parse(name, value)
+        return _header_object(name, value)
+
+
+@functools.lru_cache(maxsize=PARSED_HEADERS_KEPT)
+def _header_object(name: str, value: str) -> str:
+    return email.policy.default.header_fetch_parse(name, value)
+
+
+_POLICY = _ReusingPolicy()
+
+
 def _parse(raw: bytes) -> EmailMessage:
-    message = email.message_from_bytes(raw, policy=email.policy.default)
-    assert isinstance(message, EmailMessage)  # guaranteed by policy.default
+    message = email.message_from_bytes(raw, policy=_POLICY)
+    assert isinstance(message, EmailMessage)  # guaranteed by any EmailPolicy
     return message
 
 
 def _parse_headers(raw: bytes) -> Message:
-    return BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    return BytesHeaderParser(policy=_POLICY).parsebytes(raw)
 
 
 def _header(message: Message, name: str) -> str:

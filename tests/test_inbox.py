@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sqlite3
 import stat
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import platformdirs
@@ -69,6 +74,46 @@ def test_dedupe_survives_restart(tmp_path: Path) -> None:
         assert second.store(make_push("p2", "m2"))
         assert ids(second.list()) == ["p2", "p1"]
         assert second.get("m1").mail.seen is True
+
+
+def test_sigkill_loses_no_stored_push(tmp_path: Path) -> None:
+    path = tmp_path / "inbox.sqlite3"
+    # The kill comes right after the last store, before any background checkpoint.
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from mailpush.agent.inbox import Inbox
+        from mailpush.protocol.messages import MailSummary, Push
+        inbox = Inbox({str(path)!r})
+        for n in range(50):
+            mail = MailSummary(id=f"m{{n}}", subject=f"subject of m{{n}}")
+            inbox.store(Push(id=f"p{{n}}", kind="mail", mail=mail, ts=1_700_000_000.0))
+        inbox.mark_read("m0")
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], timeout=60, check=False)
+    assert result.returncode == -signal.SIGKILL
+
+    with Inbox(path) as inbox:
+        stored = inbox.list()
+        assert len(stored) == 50
+        assert stored[0].id == "p49"
+        assert inbox.get("m0").mail.seen is True
+        assert not inbox.store(make_push("p49", "m49"))
+
+
+def test_reads_while_another_connection_writes(inbox: Inbox) -> None:
+    inbox.store(make_push("p1", "m1"))
+    writer = sqlite3.connect(inbox.path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        # The agent's CLI lists the inbox while the agent stores pushes.
+        assert ids(inbox.list()) == ["p1"]
+        assert inbox.get("m1") == make_push("p1", "m1")
+    finally:
+        writer.rollback()
+        writer.close()
 
 
 def test_status_updates_seen_without_entry(inbox: Inbox) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -232,6 +233,23 @@ def test_sigkill_loses_nothing(tmp_path: Path) -> None:
         assert len(pending) == 49
         assert pending[0][0] == "p1"
         assert outbox.routed("ann", "m49")
+
+
+def test_reads_while_another_connection_writes(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with Outbox(path, clock=clock) as outbox:
+        outbox.record_routing("ann", "m1", [QueuedPush("laptop", "p1", "mail", b"one")])
+        writer = sqlite3.connect(path, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            # A read that took the write lock would wait out the busy timeout and fail.
+            assert outbox.routed("ann", "m1")
+            assert outbox.pending("ann", "laptop") == [("p1", b"one")]
+            assert outbox.due() == [DuePush("ann", "laptop", "p1", b"one")]
+            assert outbox.counts() == {"unacknowledged": 1, "acknowledged": 0, "routed": 1}
+        finally:
+            writer.rollback()
+            writer.close()
 
 
 def test_two_threads_share_outbox(outbox: Outbox) -> None:
