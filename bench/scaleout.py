@@ -49,6 +49,20 @@ def run(users: int, mails: int, failovers: int) -> Section:
         for part, used in cores.items():
             section.rows.append(Row(f"  CPU of {part}", value=used, unit="cores"))
             section.figures[f"scaleout_{count}_{part.replace(' ', '_')}_cores"] = round(used, 3)
+    unsynced = {}
+    for count in (1, 2):
+        with _cluster(user_ids, ("sync_every_commit = false",)) as cluster:
+            for instance in "ab"[:count]:
+                cluster.start(instance, log_level=LOG_LEVEL)
+            cluster.warm_up()
+            unsynced[count], _ = _burst(cluster, user_ids, mails)
+        label = f"{count} instance{'s' * (count > 1)}, sync_every_commit = false"
+        section.rows.append(Row(f"{label}: mails routed", value=unsynced[count], unit="mails/s"))
+    section.rows.append(
+        Row("2 instances / 1 instance, sync_every_commit = false", value=unsynced[2] / unsynced[1],
+            unit="x")
+    )  # fmt: skip
+    section.figures["scaleout_unsynced_2x_ratio"] = round(unsynced[2] / unsynced[1], 3)
     ratio = Row("2 instances / 1 instance", value=rates[2] / rates[1], unit="x")
     section.rows.append(goal_row(ratio, 1.6, above=True, what=""))
     section.figures["scaleout_1_mails_per_s"] = round(rates[1], 1)
@@ -75,8 +89,9 @@ def run(users: int, mails: int, failovers: int) -> Section:
 
 
 class _cluster:  # noqa: N801 - used like a function in a with statement
-    def __init__(self, user_ids: list[str]) -> None:
+    def __init__(self, user_ids: list[str], service_lines: tuple[str, ...] = ()) -> None:
         self._users = user_ids
+        self._service_lines = service_lines
 
     def __enter__(self) -> Cluster:
         self._folder = tempfile.TemporaryDirectory(prefix="mailpush-bench-scaleout-")
@@ -86,7 +101,7 @@ class _cluster:  # noqa: N801 - used like a function in a with statement
             port=free_port(), workdir=workdir / "mosquitto", extra_config="set_tcp_nodelay true\n"
         )
         self._broker.start()
-        self._cluster = Cluster(workdir, self._broker.port, self._users)
+        self._cluster = Cluster(workdir, self._broker.port, self._users, self._service_lines)
         assert self._broker.process is not None
         self._cluster.broker_pid = self._broker.process.pid
         return self._cluster

@@ -28,6 +28,11 @@ from pathlib import Path
 
 from mailpush.errors import MailpushError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 30.0
@@ -83,6 +88,7 @@ class PrivateDatabase:
             synchronous=self.synchronous,
         )
         self._checkpointer = _Checkpointer(self.path, name, self.synchronous, self._lock)
+        self._lock_fd = _open_lock_file(self.path.with_name(self.path.name + "-lock"))
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -92,7 +98,7 @@ class PrivateDatabase:
         that opens the same file waits out the busy timeout instead of failing
         half-way through. An exception rolls the transaction back and propagates.
         """
-        with self._lock:
+        with self._lock, self._process_lock():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
@@ -101,6 +107,23 @@ class PrivateDatabase:
                 raise
             self._conn.commit()
         self._checkpointer.wake()
+
+    @contextmanager
+    def _process_lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the lock file that processes sharing the database use.
+
+        SQLite's busy handler sleeps 1, 2, 5, 10 ms and more between tries, so
+        processes that write one file in turn would mostly sleep; a blocked
+        flock returns as soon as the holder lets go.
+        """
+        if self._lock_fd < 0:
+            yield
+            return
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -118,8 +141,22 @@ class PrivateDatabase:
         SQLite checkpoints the WAL when the last connection to the file closes.
         """
         self._checkpointer.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         with self._lock:
             self._conn.close()
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open (0600) the lock file beside a database; return -1 where flock is missing."""
+    if fcntl is None:
+        return -1
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        log.warning("%s: cannot open %s (%s); writers then wait in SQLite", path.name, path, exc)
+        return -1
 
 
 def _open(

@@ -172,11 +172,16 @@ class Outbox:
             ).fetchone()
         return row is not None
 
-    def record_routing(self, user: str, mail_id: str, pushes: Sequence[QueuedPush]) -> bool:
+    def record_routing(
+        self, user: str, mail_id: str, pushes: Sequence[QueuedPush], *, sending: bool = False
+    ) -> bool:
         """Record that ``mail_id`` was routed and queue its pushes, in one transaction.
 
         An empty ``pushes`` is valid (a policy whose fallback is ``none``) and
-        still marks the mail as routed.
+        still marks the mail as routed. With ``sending``, the pushes are also
+        marked sent, for a caller that publishes them right after, which saves
+        a commit per push. A crash between the commit and the publish then
+        delays them until the caller resends its pending pushes.
 
         Returns:
             True if recorded; False if the mail was routed before, in which
@@ -199,6 +204,12 @@ class Outbox:
                 return False
             for push in pushes:
                 _insert_push(conn, user, push, mail_id, now)
+                if sending:
+                    conn.execute(
+                        "UPDATE pushes SET sent = ?, attempts = 1"
+                        " WHERE user = ? AND terminal = ? AND push_id = ?",
+                        (now, user, push.terminal, push.push_id),
+                    )
         return True
 
     def mark_sent(self, user: str, terminal: str, push_id: str, now: float | None = None) -> bool:

@@ -239,6 +239,11 @@ class PushService:
             self._watchers.hand_over(user)
         for user in sorted(gained):
             self._watchers.start(user)
+            # Pushes a dead owner (or this instance before a crash) recorded but
+            # may not have published go out now rather than a resend interval later.
+            for terminal, record in self.registry.terminals(user).items():
+                if record.state is not None and record.state.state != "off":
+                    self._resend_pending(user, terminal)
         if self.ready.is_set() or len(self.membership.live) > 1:
             log.info(
                 "instance %s routes %d of %d users (gained %d%s, handed over %d%s; live: %s)",
@@ -316,10 +321,11 @@ class PushService:
 
         summary = summarize(mail.raw, mail.mail_id, mail.seen)
         routed = self._router.route(user, summary)
-        if not self.outbox.record_routing(user.id, mail.mail_id, routed.pushes):
+        if not self.outbox.record_routing(user.id, mail.mail_id, routed.pushes, sending=True):
             return
+        assert self.link is not None
         for push in routed.pushes:
-            self._send(user.id, push.terminal, push.push_id, push.payload)
+            self.link.publish(self.topics.inbox(user.id, push.terminal), push.payload)
         log.info("mail %s of %s: %s", mail.mail_id, user.id, routed.decision.reason)
 
     def _on_link_connected(self) -> None:

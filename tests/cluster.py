@@ -41,10 +41,14 @@ class Cluster:
         workdir: an empty folder for Maildirs, state, configs and logs.
         port: a running Mosquitto's port on 127.0.0.1.
         users: the user ids every instance is configured with.
+        service_lines: more lines for the ``[service]`` table of every instance.
     """
 
-    def __init__(self, workdir: Path, port: int, users: list[str]) -> None:
+    def __init__(
+        self, workdir: Path, port: int, users: list[str], service_lines: tuple[str, ...] = ()
+    ) -> None:
         self.workdir = workdir
+        self.service_lines = service_lines
         self.port = port
         self.users = users
         self.topics = Topics()
@@ -167,6 +171,7 @@ class Cluster:
             f'instance = "{instance}"',
             f'state_dir = "{self.workdir / "state"}"',
             "resend_after_s = 2",
+            *self.service_lines,
         ]
         for user in self.users:
             lines += [

@@ -165,4 +165,5 @@ def test_close_stops_thread(tmp_path: Path) -> None:
     db.close()
 
     assert checkpoint_threads() == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.sqlite3"]
+    # The WAL is gone; the empty lock file for other processes stays.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.sqlite3", "notes.sqlite3-lock"]
