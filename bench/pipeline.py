@@ -12,7 +12,7 @@ same broker. It records three times per mail id, all from ``time.time()``:
   after the routing decision and the outbox writes;
 - ``shown``: the notifier returned from showing the push.
 
-The service's ``_on_mail`` and ``_send`` are wrapped on the instance, in this process only.
+The service's ``_on_mail`` and ``_publish`` are wrapped on the instance, in this process only.
 No product code reads anything from the benchmark.
 """
 
@@ -121,13 +121,13 @@ def running_pipeline(broker_url: str, workdir: Path, mailbox: dict[str, Any]) ->
         pipeline.learned.setdefault(mail.mail_id, time.time())
         original(user, mail)
 
-    original_send = service._send
+    original_publish = service._publish
     published: list[tuple[float, bytes]] = []
 
-    def timed_send(user: str, terminal: str, push_id: str, payload: bytes) -> None:
+    def timed_publish(user: str, terminal: str, payload: bytes) -> None:
         # Decoding here would add to the time measured, so it waits for the lookup.
         published.append((time.time(), payload))
-        original_send(user, terminal, push_id, payload)
+        original_publish(user, terminal, payload)
 
     def sent_lookup() -> None:
         while published:
@@ -135,7 +135,7 @@ def running_pipeline(broker_url: str, workdir: Path, mailbox: dict[str, Any]) ->
             pipeline.sent.setdefault(decode(payload, Push).mail.id, when)
 
     service._on_mail = timed_on_mail  # type: ignore[method-assign]
-    service._send = timed_send  # type: ignore[method-assign]
+    service._publish = timed_publish  # type: ignore[method-assign]
     pipeline.collect_sent = sent_lookup
 
     with contextlib.ExitStack() as stack:

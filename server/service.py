@@ -323,9 +323,8 @@ class PushService:
         routed = self._router.route(user, summary)
         if not self.outbox.record_routing(user.id, mail.mail_id, routed.pushes, sending=True):
             return
-        assert self.link is not None
         for push in routed.pushes:
-            self.link.publish(self.topics.inbox(user.id, push.terminal), push.payload)
+            self._publish(user.id, push.terminal, push.payload)
         log.info("mail %s of %s: %s", mail.mail_id, user.id, routed.decision.reason)
 
     def _on_link_connected(self) -> None:
@@ -390,9 +389,13 @@ class PushService:
                 )
 
     def _send(self, user: str, terminal: str, push_id: str, payload: bytes) -> None:
-        assert self.link is not None and self.outbox is not None
-        self.link.publish(self.topics.inbox(user, terminal), payload)
+        assert self.outbox is not None
+        self._publish(user, terminal, payload)
         self.outbox.mark_sent(user, terminal, push_id)
+
+    def _publish(self, user: str, terminal: str, payload: bytes) -> None:
+        assert self.link is not None
+        self.link.publish(self.topics.inbox(user, terminal), payload)
 
     def _send_probe(self, user: str, terminal: str, payload: bytes) -> None:
         assert self.link is not None
