@@ -11,6 +11,7 @@ import pytest
 
 from mailpush.errors import AuthenticationError, ConfigError
 from mailpush.server.mailbox import ImapConfig, ImapWatcher, NewMail, StateStore
+from mailpush.server.mailbox.imap import took_unsolicited_exists
 
 pytestmark = pytest.mark.integration
 
@@ -379,3 +380,16 @@ def test_config_repr_hides_password():
     config = ImapConfig(host="127.0.0.1", username="u", password="hunter2")
 
     assert "hunter2" not in repr(config)
+
+
+def test_exists_announced_during_command_is_seen(dovecot):
+    dovecot.append(mail("first"))  # INBOX exists before the watcher's connection selects it
+    with dovecot.client() as client:
+        client.select_folder("INBOX")
+        took_unsolicited_exists(client)  # the SELECT's own EXISTS
+
+        dovecot.append(mail("second"))
+        client.noop()  # Dovecot reports the new message with the reply of any command
+
+        assert took_unsolicited_exists(client)
+        assert not took_unsolicited_exists(client)

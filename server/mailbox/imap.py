@@ -237,6 +237,8 @@ class ImapWatcher:
                 if not caught_up:
                     stop.wait(self.config.retry_s)
                 elif use_idle:
+                    if took_unsolicited_exists(client):
+                        continue  # announced during our commands; IDLE would not repeat it
                     if self._idle(client, stop, next_flags_sync):
                         next_flags_sync = time.monotonic()
                 else:
@@ -404,6 +406,18 @@ class ImapWatcher:
         if quiet:
             flags_changed = any(_is_flag_change(r) for r in client.noop()[1]) or flags_changed
         return flags_changed
+
+
+def took_unsolicited_exists(client: IMAPClient) -> bool:
+    """Return True if the server announced new mail while answering our last commands.
+
+    A server that learns of a new mail while it runs a command (Dovecot does,
+    after its notify delay) sends ``* N EXISTS`` with that command's reply.
+    imaplib keeps such a response aside, and IDLE would not announce the mail
+    again, so without this check it would wait in IDLE until the next renewal.
+    """
+    # NOTE: reads imaplib's untagged_responses through imapclient's private _imap.
+    return bool(client._imap.untagged_responses.pop("EXISTS", None))
 
 
 def _max_uid(client: IMAPClient, uidnext: int | None) -> int:
