@@ -14,6 +14,7 @@ import pytest
 
 from mailpush.errors import ConfigError
 from mailpush.server.mailbox import MaildirWatcher, NewMail, StateStore, inotify
+from mailpush.server.mailbox import maildir as maildir_module
 from mailpush.server.mailbox.base import FlagCallback
 
 # Longer than any wait in these tests, so only an inotify event can wake the watcher in time.
@@ -542,18 +543,22 @@ def test_inotify_limit_falls_back_to_polling(
 ):
     libc = FailingLibc(inotify._c_library(), function, number)
     monkeypatch.setattr(inotify, "_c_library", lambda: libc)
+    monkeypatch.setattr(maildir_module, "_inotify_warned", False)
     collector = Collector()
     watcher = slow_watcher(maildir, store, poll_s=0.05)
+    second = slow_watcher(maildir, store, poll_s=0.05)
     before = inotify_descriptors()
 
     with caplog.at_level(logging.INFO, logger="mailpush.server.mailbox"):
-        with running(watcher, collector):
+        with running(watcher, collector), running(second, Collector()):
             during = inotify_descriptors()
             deliver(maildir, "1700000700.M1P1.host")
             mails = collector.wait_for(1, timeout=5.0)
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    fallbacks = [r.getMessage() for r in caplog.records if "checking it every" in r.getMessage()]
     assert [mail.mail_id for mail in mails] == ["1700000700.M1P1.host"]
+    assert len(fallbacks) == 2  # one per watcher, only the first as a warning
     assert len(warnings) == 1
     assert reason in warnings[0]
     assert "checking it every 0.05 s instead" in warnings[0]

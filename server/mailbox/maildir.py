@@ -43,6 +43,9 @@ from mailpush.server.mailbox.state import StateStore
 
 log = logging.getLogger(__name__)
 
+# Whether a Maildir of this process has failed to get an inotify watch before.
+_inotify_warned = False
+
 # The info part of a Maildir file name starts with ":2," followed by the flags.
 INFO_SEPARATOR = ":2,"
 
@@ -183,7 +186,13 @@ class MaildirWatcher:
         try:
             return FolderWatch.open(self.path)
         except OSError as exc:
-            log.warning(
+            # Past the limit every further Maildir fails the same way, so only
+            # the first failure of the process is a warning.
+            global _inotify_warned
+            level = logging.INFO if _inotify_warned else logging.WARNING
+            _inotify_warned = True
+            log.log(
+                level,
                 "maildir: cannot watch %s with inotify (%s); checking it every %g s instead",
                 self.path,
                 exc.strerror or exc,
