@@ -15,9 +15,19 @@ so in that moment a mail is still routed once.
 """
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+
+from mailpush.errors import PayloadError
+from mailpush.protocol.link import Link
+from mailpush.protocol.messages import ServiceInstance, decode, encode
+
+log = logging.getLogger(__name__)
+
+# How long a clean stop waits for the broker to take the announcement away.
+WITHDRAW_TIMEOUT_S = 2.0
 
 
 def score(instance: str, user: str) -> int:
@@ -62,6 +72,8 @@ class Membership:
         self._lock = threading.Lock()
         self._others: set[str] = set()
         self._trusted_from = float("-inf")
+        self.started = round(time.time(), 3)
+        """When this instance started, sent in its announcement to distinguish two processes with one id."""
 
     @property
     def live(self) -> frozenset[str]:
@@ -80,6 +92,32 @@ class Membership:
         """End the wait after :meth:`reset`: the caller knows the retained ones have arrived."""
         with self._lock:
             self._trusted_from = self._clock()
+
+    def announcement(self) -> bytes:
+        """Return this instance's announcement payload."""
+        now = round(time.time(), 3)
+        return encode(ServiceInstance(instance=self.me, started=self.started, ts=now))
+
+    def receive(self, instance: str, payload: bytes) -> str | None:
+        """Take in an announcement of ``instance`` (empty: withdrawn); return why it was dropped."""
+        if not payload:
+            self.heard(instance, alive=False)
+            return None
+        try:
+            announcement = decode(payload, ServiceInstance)
+        except PayloadError as exc:
+            return str(exc)
+        if announcement.instance != instance:
+            return "ServiceInstance: instance does not match the topic"
+        if instance == self.me and announcement.started != self.started:
+            # Both processes take the same MQTT client id, so the broker
+            # disconnects one whenever the other connects.
+            return (
+                f"another service started at {announcement.started} uses the instance id "
+                f"{instance!r}; give each instance its own service.instance"
+            )
+        self.heard(instance, alive=True)
+        return None
 
     def heard(self, instance: str, alive: bool) -> None:
         """Record an announcement (``alive``) or its removal by a will or a clean stop."""
@@ -102,3 +140,23 @@ class Membership:
                 return None
             live = self._others | {self.me}
         return frozenset(user for user in self._users if owner(live, user) == self.me)
+
+
+def some(users: frozenset[str], limit: int = 5) -> str:
+    """Return up to ``limit`` user ids for a log line, such as ``: alice, bob``."""
+    if not users:
+        return ""
+    names = sorted(users)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ": " + ", ".join(names[:limit]) + more
+
+
+def withdraw(link: Link, topic: str) -> None:
+    """Take this instance's announcement away before a clean disconnect, which fires no will."""
+    info = link.publish(topic, b"", retain=True)
+    if info is None:
+        return
+    try:
+        info.wait_for_publish(WITHDRAW_TIMEOUT_S)
+    except (RuntimeError, ValueError):
+        log.debug("announcement %s not withdrawn: the broker connection is gone", topic)

@@ -26,7 +26,6 @@ from mailpush.protocol.messages import (
     Ack,
     DeviceAttributes,
     MailStatus,
-    ServiceInstance,
     UsageState,
     decode,
     encode,
@@ -36,7 +35,7 @@ from mailpush.server.broker import EmbeddedBroker
 from mailpush.server.config import ServerConfig, UserSettings
 from mailpush.server.mailbox.base import NewMail, RetryLater
 from mailpush.server.mailbox.state import StateStore
-from mailpush.server.membership import Membership
+from mailpush.server.membership import Membership, some, withdraw
 from mailpush.server.outbox import Outbox
 from mailpush.server.policies import PolicyStore
 from mailpush.server.read_state import ReadStateRelay
@@ -61,8 +60,6 @@ POLICY_RESTORE_AFTER_S = 2.0
 # After a reconnect, how long the set of live instances is rebuilt from the
 # retained announcements before users change hands on it.
 MEMBERSHIP_SETTLE_S = 1.0
-# How long a clean stop waits for the broker to take the announcement away.
-WITHDRAW_TIMEOUT_S = 2.0
 
 
 class PushService:
@@ -83,7 +80,6 @@ class PushService:
         self._router: Router | None = None
         self._watchers: WatcherPool | None = None
         self._owned: frozenset[str] = frozenset()
-        self._started = 0.0
         self.membership = Membership(
             config.service.instance, self._users, MEMBERSHIP_SETTLE_S, on_change=self._wake.set
         )
@@ -192,11 +188,7 @@ class PushService:
             will=Will(announcement, lambda: b""),
             on_connected=self._on_link_connected,
         )
-        now = round(time.time(), 3)
-        self._started = now
-        link.publish_retained(
-            announcement, encode(ServiceInstance(instance=instance, started=now, ts=now))
-        )
+        link.publish_retained(announcement, self.membership.announcement())
         link.subscribe(self.topics.service_instances(), self._on_instance)
         for kind, handler in (
             (TopicKind.STATE, self._on_state),
@@ -208,7 +200,7 @@ class PushService:
             link.subscribe(self.topics.all_users(kind), partial(self._dispatch, kind, handler))
         link.start()
         stack.callback(link.stop)
-        stack.callback(_withdraw, link, announcement)
+        stack.callback(withdraw, link, announcement)
         self.link = link
 
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
@@ -251,9 +243,9 @@ class PushService:
                 len(owned),
                 len(self._users),
                 len(gained),
-                _some(gained),
+                some(gained),
                 len(lost),
-                _some(lost),
+                some(lost),
                 ", ".join(sorted(self.membership.live)),
             )
 
@@ -408,27 +400,9 @@ class PushService:
         if instance is None:
             self._drops.drop(topic, "invalid topic (instance id not valid)")
             return
-        if not payload:
-            self.membership.heard(instance, alive=False)
-            return
-        try:
-            announcement = decode(payload, ServiceInstance)
-        except PayloadError as exc:
-            self._drops.drop(topic, str(exc))
-            return
-        if announcement.instance != instance:
-            self._drops.drop(topic, "ServiceInstance: instance does not match the topic")
-            return
-        if instance == self.membership.me and announcement.started != self._started:
-            # Both processes take the same MQTT client id, so the broker
-            # disconnects one whenever the other connects.
-            self._drops.drop(
-                topic,
-                f"another service started at {announcement.started} uses the instance id "
-                f"{instance!r}; give each instance its own service.instance",
-            )
-            return
-        self.membership.heard(instance, alive=True)
+        problem = self.membership.receive(instance, payload)
+        if problem is not None:
+            self._drops.drop(topic, problem)
 
     def _dispatch(self, kind: TopicKind, handler, topic: str, payload: bytes) -> None:
         ref = self.topics.parse(topic)
@@ -522,23 +496,3 @@ class PushService:
     def _on_mailbox_flags(self, user: str, mail_id: str, seen: bool) -> None:
         if self._read_states is not None:
             self._read_states.mailbox_changed(user, mail_id, seen)
-
-
-def _some(users: frozenset[str], limit: int = 5) -> str:
-    """Return up to ``limit`` user ids for a log line, such as ``: alice, bob``."""
-    if not users:
-        return ""
-    names = sorted(users)
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ": " + ", ".join(names[:limit]) + more
-
-
-def _withdraw(link: Link, topic: str) -> None:
-    """Take this instance's announcement away before a clean disconnect, which fires no will."""
-    info = link.publish(topic, b"", retain=True)
-    if info is None:
-        return
-    try:
-        info.wait_for_publish(WITHDRAW_TIMEOUT_S)
-    except (RuntimeError, ValueError):
-        log.debug("announcement %s not withdrawn: the broker connection is gone", topic)
