@@ -54,7 +54,7 @@ TERMINAL = "desk"
 FIRST_STATE_TIMEOUT_S = 30.0
 SETTLE_S = 5.0
 COUNTER_READY_TIMEOUT_S = 20.0
-# The agent wakes on the first event after a quiet second, so `active` comes
+# The agent is woken by the first events of a burst, so `active` comes
 # within milliseconds of the storm's start. The margin is for a loaded machine.
 ACTIVE_TIMEOUT_S = 5.0
 # Time for the agent's listener to handle what the X server still had queued

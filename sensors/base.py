@@ -25,7 +25,7 @@ A plugin **may** override:
   ``[sensors.NAME]`` table; False suits hardware few terminals have.
 * ``start(wake)`` / ``stop()``: open and close devices or threads. ``wake``
   asks the agent to fuse again now; call it on a change that matters (the
-  first input after a quiet spell), not on every event.
+  first events after a quiet spell), not on every event.
 * ``status()``: :class:`SensorStatus`; the default reports ``ok``.
 * ``attributes()``: DeviceAttributes fields this plugin knows (``kind``,
   ``display``, ``capabilities``).
