@@ -203,13 +203,7 @@ class Outbox:
             if not inserted:
                 return False
             for push in pushes:
-                _insert_push(conn, user, push, mail_id, now)
-                if sending:
-                    conn.execute(
-                        "UPDATE pushes SET sent = ?, attempts = 1"
-                        " WHERE user = ? AND terminal = ? AND push_id = ?",
-                        (now, user, push.terminal, push.push_id),
-                    )
+                _insert_push(conn, user, push, mail_id, now, sent=now if sending else None)
         return True
 
     def mark_sent(self, user: str, terminal: str, push_id: str, now: float | None = None) -> bool:
@@ -326,12 +320,31 @@ def _check_kind(kind: str) -> None:
 
 
 def _insert_push(
-    conn: sqlite3.Connection, user: str, push: QueuedPush, mail_id: str, now: float
+    conn: sqlite3.Connection,
+    user: str,
+    push: QueuedPush,
+    mail_id: str,
+    now: float,
+    sent: float | None = None,
 ) -> bool:
-    """Insert one push row unless its id or its (terminal, mail, kind) exists; return whether."""
+    """Insert one push row unless its id or its (terminal, mail, kind) exists; return whether.
+
+    A push inserted with ``sent`` counts as sent once at that time.
+    """
     inserted = conn.execute(
-        "INSERT OR IGNORE INTO pushes (user, terminal, push_id, mail_id, kind, payload, created)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (user, push.terminal, push.push_id, mail_id, push.kind, bytes(push.payload), now),
+        "INSERT OR IGNORE INTO pushes"
+        " (user, terminal, push_id, mail_id, kind, payload, created, sent, attempts)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            user,
+            push.terminal,
+            push.push_id,
+            mail_id,
+            push.kind,
+            bytes(push.payload),
+            now,
+            sent,
+            0 if sent is None else 1,
+        ),
     ).rowcount
     return inserted > 0

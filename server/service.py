@@ -39,7 +39,7 @@ from mailpush.server.membership import Membership, some, withdraw
 from mailpush.server.outbox import Outbox
 from mailpush.server.policies import PolicyStore
 from mailpush.server.read_state import ReadStateRelay
-from mailpush.server.registry import Registry
+from mailpush.server.registry import Registry, TerminalRecord
 from mailpush.server.router import Router
 from mailpush.server.summary import summarize
 from mailpush.server.watchers import WatcherPool
@@ -94,11 +94,6 @@ class PushService:
         """Ask the service to stop; safe from a signal handler."""
         self._stop.set()
         self._wake.set()
-
-    @property
-    def owned(self) -> frozenset[str]:
-        """The users whose mail this instance routes now."""
-        return self._owned
 
     def run(self) -> None:
         """Start everything, serve until :meth:`stop`, then shut down in reverse order.
@@ -234,7 +229,7 @@ class PushService:
             # Pushes a dead owner (or this instance before a crash) recorded but
             # may not have published go out now rather than a resend interval later.
             for terminal, record in self.registry.terminals(user).items():
-                if record.state is not None and record.state.state != "off":
+                if not _reads_off(record):
                     self._resend_pending(user, terminal)
         if self.ready.is_set() or len(self.membership.live) > 1:
             log.info(
@@ -281,8 +276,7 @@ class PushService:
         for due in self.outbox.due():
             if due.user not in self._owned:
                 continue
-            record = self.registry.terminals(due.user).get(due.terminal)
-            if record is None or record.state is None or record.state.state == "off":
+            if _reads_off(self.registry.terminals(due.user).get(due.terminal)):
                 continue
             self._send(due.user, due.terminal, due.push_id, due.payload)
 
@@ -428,7 +422,7 @@ class PushService:
             )
 
         held = self.registry.terminals(ref.user).get(ref.terminal)
-        was_off = held is None or held.state is None or held.state.state == "off"
+        was_off = _reads_off(held)
         if not self.registry.update_state(state):
             return
         if state.state == "off":
@@ -496,3 +490,8 @@ class PushService:
     def _on_mailbox_flags(self, user: str, mail_id: str, seen: bool) -> None:
         if self._read_states is not None:
             self._read_states.mailbox_changed(user, mail_id, seen)
+
+
+def _reads_off(record: TerminalRecord | None) -> bool:
+    """Return True if a terminal is unknown, has no state yet or reads ``off``."""
+    return record is None or record.state is None or record.state.state == "off"

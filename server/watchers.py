@@ -91,6 +91,8 @@ class WatcherPool:
 
     def hand_over(self, user_id: str) -> None:
         """Stop watching ``user_id``'s mailbox; the thread ends on its own."""
+        # An error of a watcher now handed over no longer counts against this instance.
+        self.errors.pop(user_id, None)
         running = self._running.pop(user_id, None)
         if running is not None:
             running.stop.set()

@@ -148,6 +148,17 @@ def test_record_routing_once(outbox: Outbox) -> None:
     assert outbox.pending("ann", "desk") == []
 
 
+def test_record_routing_sending_marks_sent(outbox: Outbox, clock: FakeClock) -> None:
+    assert outbox.record_routing(
+        "ann", "m1", [QueuedPush("laptop", "p1", "mail", b"one")], sending=True
+    )
+
+    assert outbox.due() == []  # sent at routing time, so not due at once
+    assert outbox.pending("ann", "laptop") == [("p1", b"one")]
+    clock.now += 30
+    assert outbox.due() == [DuePush("ann", "laptop", "p1", b"one")]
+
+
 def test_record_routing_without_pushes(outbox: Outbox) -> None:
     assert outbox.record_routing("ann", "m1", [])
     assert outbox.routed("ann", "m1")
