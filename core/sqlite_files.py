@@ -112,9 +112,10 @@ class PrivateDatabase:
     def _process_lock(self) -> Iterator[None]:
         """Hold an exclusive lock on the lock file that processes sharing the database use.
 
-        SQLite's busy handler sleeps 1, 2, 5, 10 ms and more between tries, so
-        processes that write one file in turn would mostly sleep; a blocked
-        flock returns as soon as the holder lets go.
+        SQLite's default busy handler sleeps 1, 2, 5, 10 ms and more between
+        tries (sqliteDefaultBusyCallback), so processes that write one file in
+        turn would mostly sleep. A blocked flock returns as soon as the holder
+        lets go.
         """
         if self._lock_fd < 0:
             yield

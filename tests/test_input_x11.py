@@ -200,8 +200,8 @@ def test_burst_calls_once_per_hold(x_session):
     # About 400 moves: the first FREE_EVENTS at once, then one call per hold.
     burst = [t for t in calls if t <= end]
     assert FREE_EVENTS + 1 <= len(burst) <= FREE_EVENTS + (end - start) / HOLD_S
-    held = burst[FREE_EVENTS - 1 :]
-    gaps = [later - earlier for earlier, later in zip(held, held[1:], strict=False)]
+    paused = burst[FREE_EVENTS - 1 :]
+    gaps = [later - earlier for earlier, later in zip(paused, paused[1:], strict=False)]
     # The tolerance covers threading.Event.wait and clock() using different clocks.
     assert min(gaps) >= HOLD_S - 0.01
 

@@ -46,7 +46,7 @@ _CONNECT_RETRY_S = 0.05
 
 
 class RecordListener:
-    """Calls ``on_input`` on X input, at most once per ``hold_s`` during a long burst.
+    """A RECORD listener: ``on_input`` for the first replies of a burst, then once per ``hold_s``.
 
     The last-event time that ``on_input`` produces is at most ``hold_s``
     (plus the round trip that enables recording again) earlier than the

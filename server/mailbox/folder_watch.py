@@ -7,8 +7,8 @@ source of truth.
 
 It also reports which files in ``new/`` are still being written. The Maildir
 convention is to write a mail in ``tmp/`` and to ``link()`` or ``rename()``
-it into ``new/``, but some tools (``cp``, scripts) write straight into
-``new/``, and inotify reports such a file at its creation, before its
+it into ``new/``. Some tools (``cp``, scripts) write straight into ``new/``
+instead, and inotify reports such a file at its creation, before its
 content is there. ``open(O_CREAT)`` queues ``IN_CREATE`` and then
 ``IN_OPEN``, so a file whose first event after ``IN_CREATE`` is ``IN_OPEN``
 counts as being written until its next ``IN_CLOSE_WRITE`` or

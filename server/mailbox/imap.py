@@ -409,7 +409,7 @@ class ImapWatcher:
 
 
 def took_unsolicited_exists(client: IMAPClient) -> bool:
-    """Return True if the server announced new mail while answering our last commands.
+    """Return True if the server announced new mail in its replies to our last commands.
 
     A server that learns of a new mail while it runs a command (Dovecot does,
     after its notify delay) sends ``* N EXISTS`` with that command's reply.
